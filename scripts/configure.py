@@ -1,0 +1,536 @@
+#!/usr/bin/env python3
+"""`make config`: asks for the inventory variables and writes inventory/.
+
+Each question is named after its variable (REGISTRY_CACHE_HOST, REGISTRY_CACHE_PORT, ...).
+A variable set in the environment is taken without asking; the others are asked on the
+terminal (or read a line each from standard input when it is not a terminal), showing the
+default in brackets: an empty answer keeps it. Defaults are the earlier answers when the
+files exist, else the roles' defaults. A bad answer is rejected with the reason and asked
+again.
+
+Writes:
+  inventory/hosts.yml                      the groups registry_cache and docker_clients
+  inventory/group_vars/all/vars.yml        the settings (not secret)
+  inventory/group_vars/all/secrets.yml     registry credentials: mode 0600, git-ignored,
+                                           vault-encrypted when a vault password file is
+                                           given (REGISTRY_CACHE_VAULT_PASSWORD_FILE or
+                                           --vault-password-file)
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import ipaddress
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from proxy_app.config import (  # noqa: E402  (needs the repository on sys.path)
+    ConfigError,
+    parse_auth_registries,
+    parse_duration,
+    parse_proxy_url,
+    parse_size,
+)
+
+VAULT_HEADER = "$ANSIBLE_VAULT;"
+NONE_WORDS = {"none", "-"}
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+DEFAULT_ALLOWED_CLIENTS = (
+    "127.0.0.0/8 ::1/128 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 100.64.0.0/10 fc00::/7"
+)
+HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+class Invalid(ValueError):
+    """An answer that cannot be used; the message says why."""
+
+
+# --- validators: take the answer as typed, return the value to store ----------------------
+
+
+def v_host(text: str) -> str:
+    if not HOST_RE.fullmatch(text):
+        raise Invalid(f"{text!r} is not a host name or IPv4 address")
+    return text
+
+
+def v_hosts(text: str) -> list[str]:
+    if text.strip().lower() in NONE_WORDS:
+        return []
+    return [v_host(h) for h in text.replace(",", " ").split()]
+
+
+def v_port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise Invalid(f"{text!r} is not a port number 1-65535")
+    return int(text)
+
+
+def v_abs_path(text: str) -> str:
+    if not text.startswith("/") or any(c.isspace() for c in text):
+        raise Invalid(f"{text!r} is not an absolute path (without spaces)")
+    return text.rstrip("/") or "/"
+
+
+def v_size(text: str) -> str:
+    try:
+        if parse_size(text) <= 0:
+            raise Invalid("the cache size must be larger than 0")
+    except ConfigError as e:
+        raise Invalid(str(e)) from None
+    return text.strip().lower()
+
+
+def v_duration(text: str) -> str:
+    try:
+        parse_duration(text)
+    except ConfigError as e:
+        raise Invalid(str(e)) from None
+    return text.strip().lower()
+
+
+def v_networks(text: str) -> list[str]:
+    items = text.replace(",", " ").split()
+    if not items:
+        raise Invalid("give at least one network, e.g. 10.0.0.0/8")
+    result = []
+    for item in items:
+        try:
+            result.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise Invalid(f"{item!r} is not a network in CIDR form (e.g. 10.0.0.0/8)") from None
+    return result
+
+
+def v_auth(text: str) -> str:
+    if text.strip().lower() in NONE_WORDS:
+        return ""
+    try:
+        parse_auth_registries(text)
+    except ConfigError as e:
+        raise Invalid(f"{e}; e.g. auth.docker.io:myuser:mytoken ghcr.io:me:ghp_token") from None
+    return " ".join(text.split())
+
+
+def v_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in {"y", "yes", "true", "1", "on"}:
+        return True
+    if t in {"n", "no", "false", "0", "off"}:
+        return False
+    raise Invalid(f"{text!r} is not yes or no")
+
+
+def v_proxy_url(text: str) -> str:
+    if text.strip().lower() in NONE_WORDS:
+        return ""
+    try:
+        return parse_proxy_url(text.strip()) or ""
+    except ConfigError as e:
+        raise Invalid(str(e)) from None
+
+
+def v_serial(text: str) -> int | str:
+    t = text.strip()
+    if re.fullmatch(r"[1-9]\d*", t):
+        return int(t)
+    if re.fullmatch(r"([1-9]\d?|100)%", t):
+        return t
+    raise Invalid(f"{text!r} is not a number of hosts (2) or a percentage (25%)")
+
+
+def v_ca_source(text: str) -> str:
+    t = text.strip().lower()
+    if t not in {"inventory", "url"}:
+        raise Invalid(f"{text!r} is neither inventory nor url")
+    return t
+
+
+# --- the questions ---------------------------------------------------------------------------
+
+
+@dataclass
+class Question:
+    env: str
+    prompt: str
+    validate: Callable[[str], Any]
+    default: str  # as the user would type it
+    secret: bool = False
+
+
+def render(value: Any) -> str:
+    """A stored value as the user would type it (the form defaults are shown in)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value) or "none"
+    if value in (None, ""):
+        return "none"
+    return str(value)
+
+
+def mask_auth(text: str) -> str:
+    return " ".join(
+        f"{parts[0]}:{parts[1]}:****" if len(parts) == 3 else "****"
+        for parts in (item.split(":", 2) for item in text.split())
+    )
+
+
+class Prompter:
+    def __init__(self, environ: dict[str, str], stdin: Any, stdout: Any) -> None:
+        self.environ = environ
+        self.stdin = stdin
+        self.stdout = stdout
+        self.tty = bool(getattr(stdin, "isatty", lambda: False)())
+
+    def _read(self, prompt: str, secret: bool) -> str | None:
+        if self.tty:
+            try:
+                return getpass.getpass(prompt) if secret else input(prompt)
+            except EOFError:
+                return None
+        self.stdout.write(prompt)
+        self.stdout.flush()
+        line = self.stdin.readline()
+        self.stdout.write("\n")
+        return None if line == "" else line.rstrip("\n")
+
+    def ask(self, q: Question) -> Any:
+        if q.env in self.environ:
+            try:
+                value = q.validate(self.environ[q.env].strip())
+            except Invalid as e:
+                raise SystemExit(f"make config: {q.env} from the environment: {e}") from None
+            shown = mask_auth(render(value)) if q.secret and value else render(value)
+            self.stdout.write(f"{q.env} = {shown} (from the environment)\n")
+            return value
+        shown_default = mask_auth(q.default) if q.secret and ":" in q.default else q.default
+        prompt = f"{q.prompt}\n{q.env} [{shown_default}]: "
+        while True:
+            answer = self._read(prompt, q.secret)
+            if answer is None:  # end of input: the default
+                self.stdout.write(f"  (end of input: {q.env} = {shown_default})\n")
+                return q.validate(q.default)
+            answer = answer.strip() or q.default
+            try:
+                return q.validate(answer)
+            except Invalid as e:
+                self.stdout.write(f"  not accepted: {e}\n  please answer again.\n")
+
+
+# --- reading what an earlier run wrote ---------------------------------------------------------
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def vault_secret(password_file: str | None) -> Any:
+    if not password_file:
+        return None
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.parsing.vault import get_file_vault_secret
+
+    if not Path(password_file).is_file():
+        raise SystemExit(f"make config: vault password file {password_file} does not exist")
+    secret = get_file_vault_secret(filename=password_file, loader=DataLoader())
+    secret.load()
+    return secret
+
+
+def vault_lib(secret: Any) -> Any:
+    from ansible.constants import DEFAULT_VAULT_ID_MATCH
+    from ansible.parsing.vault import VaultLib
+
+    return VaultLib([(DEFAULT_VAULT_ID_MATCH, secret)])
+
+
+def read_secrets(path: Path, secret: Any) -> tuple[dict[str, Any], bool]:
+    """Returns (values, readable)."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return {}, True
+    if raw.startswith(VAULT_HEADER.encode()):
+        if secret is None:
+            return {}, False
+        try:
+            raw = vault_lib(secret).decrypt(raw)
+        except Exception:  # wrong password: keep the file, ask anew
+            return {}, False
+    data = yaml.safe_load(raw)
+    return (data if isinstance(data, dict) else {}), True
+
+
+def earlier_answers(inv: Path, secret: Any) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """Earlier answers (stored form), per-host vars, and whether the secrets were readable."""
+    hosts = load_yaml(inv / "hosts.yml")
+    children = (hosts.get("all") or {}).get("children") or {}
+    cache_hosts = (children.get("registry_cache") or {}).get("hosts") or {}
+    client_hosts = (children.get("docker_clients") or {}).get("hosts") or {}
+    host_vars: dict[str, Any] = {}
+    for group in (cache_hosts, client_hosts):
+        for name, hvars in group.items():
+            host_vars.setdefault(str(name), dict(hvars or {}))
+    found: dict[str, Any] = {}
+    if cache_hosts:
+        first = next(iter(cache_hosts))
+        found["REGISTRY_CACHE_HOST"] = str(first)
+        found["REGISTRY_CACHE_ADDRESS"] = (cache_hosts[first] or {}).get(
+            "registry_cache_address", str(first)
+        )
+    if hosts:
+        found["REGISTRY_CACHE_CLIENTS"] = [str(h) for h in client_hosts]
+    for key, value in load_yaml(inv / "group_vars" / "all" / "vars.yml").items():
+        found[key.upper()] = value
+    secrets, readable = read_secrets(inv / "group_vars" / "all" / "secrets.yml", secret)
+    for key, value in secrets.items():
+        found[key.upper()] = value
+    return found, host_vars, readable
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Atomically, created with `mode` (never briefly wider)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    os.chmod(path, mode)
+
+
+class _Dumper(yaml.SafeDumper):
+    """yamllint-clean output: sequences indented under their key, empty values blank."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
+
+
+_Dumper.add_representer(type(None), lambda d, _: d.represent_scalar("tag:yaml.org,2002:null", ""))
+
+
+def dump(header: str, data: dict[str, Any]) -> bytes:
+    body = yaml.dump(
+        data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True
+    )
+    return f"---\n# {header}\n{body}".encode()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--inventory-dir",
+        type=Path,
+        default=REPO / "inventory",
+        help="where to write hosts.yml and group_vars/ (default: the repository's inventory/)",
+    )
+    parser.add_argument(
+        "--vault-password-file",
+        default=os.environ.get("REGISTRY_CACHE_VAULT_PASSWORD_FILE") or None,
+        help="encrypt the secrets file with ansible-vault using this password file "
+        "(default: $REGISTRY_CACHE_VAULT_PASSWORD_FILE)",
+    )
+    args = parser.parse_args(argv)
+    inv: Path = args.inventory_dir
+    secret = vault_secret(args.vault_password_file)
+    earlier, host_vars, secrets_readable = earlier_answers(inv, secret)
+    secrets_path = inv / "group_vars" / "all" / "secrets.yml"
+    keep_secrets_file = False
+
+    def default(env: str, fallback: str) -> str:
+        return render(earlier[env]) if env in earlier else fallback
+
+    out = sys.stdout
+    p = Prompter(dict(os.environ), sys.stdin, out)
+    out.write(
+        f"Registry Cache inventory, written to {inv}.\n"
+        "Empty answer: the default in brackets; 'none' clears a list.\n\n"
+    )
+    host = p.ask(
+        Question(
+            "REGISTRY_CACHE_HOST",
+            "The cache host (inventory name, reachable by ssh; localhost for this machine).",
+            v_host,
+            default("REGISTRY_CACHE_HOST", "localhost"),
+        )
+    )
+    earlier_address = earlier.get("REGISTRY_CACHE_ADDRESS")
+    if earlier.get("REGISTRY_CACHE_HOST") != host:
+        earlier_address = None
+    address = p.ask(
+        Question(
+            "REGISTRY_CACHE_ADDRESS",
+            "The address Docker hosts use to reach the cache.",
+            v_host,
+            str(earlier_address or host),
+        )
+    )
+    clients = p.ask(
+        Question(
+            "REGISTRY_CACHE_CLIENTS",
+            "The Docker hosts that pull through the cache (space-separated; 'none' for none).",
+            v_hosts,
+            default("REGISTRY_CACHE_CLIENTS", host),
+        )
+    )
+    answers: dict[str, Any] = {}
+    settings = [
+        ("REGISTRY_CACHE_PORT", "The cache's TCP port.", v_port, "3128"),
+        (
+            "REGISTRY_CACHE_DIR",
+            "The cache directory on the cache host.",
+            v_abs_path,
+            "/var/lib/registry-cache",
+        ),
+        (
+            "REGISTRY_CACHE_MAX_SIZE",
+            "The cache's size bound (e.g. 32g, 500g, 2t).",
+            v_size,
+            "32g",
+        ),
+        (
+            "REGISTRY_CACHE_INACTIVE",
+            "Cached data unused this long is removed (e.g. 60d).",
+            v_duration,
+            "60d",
+        ),
+        (
+            "REGISTRY_CACHE_TAG_TTL",
+            "How long a tag is trusted before it is checked upstream (e.g. 5m).",
+            v_duration,
+            "5m",
+        ),
+        (
+            "REGISTRY_CACHE_ALLOWED_CLIENTS",
+            "Client networks allowed to use the cache (CIDR, space-separated).",
+            v_networks,
+            DEFAULT_ALLOWED_CLIENTS,
+        ),
+        (
+            "REGISTRY_CACHE_ALLOW_PUSH",
+            "Pass pushes through the cache (instead of refusing them)?",
+            v_bool,
+            "no",
+        ),
+        (
+            "REGISTRY_CACHE_UPSTREAM_PROXY",
+            "A parent proxy for upstream traffic (http://host:port; 'none' for none).",
+            v_proxy_url,
+            "none",
+        ),
+        (
+            "DOCKER_CLIENTS_SERIAL",
+            "Docker hosts restarted at a time when their settings change (a number or 25%).",
+            v_serial,
+            "25%",
+        ),
+        (
+            "DOCKER_CLIENT_CA_SOURCE",
+            "Where clients get the cache's CA: inventory (read by Ansible) or url (/ca.crt).",
+            v_ca_source,
+            "inventory",
+        ),
+    ]
+    for env, prompt, validate, fallback in settings:
+        answers[env] = p.ask(Question(env, prompt, validate, default(env, fallback)))
+
+    auth_default = default("REGISTRY_CACHE_AUTH_REGISTRIES", "none")
+    auth_prompt = (
+        "Registry credentials the cache adds for clients that send none, space-separated\n"
+        "host:user:password entries (Docker Hub: auth.docker.io:user:token; 'none' for none)."
+    )
+    if not secrets_readable:
+        auth_default = "keep"
+        auth_prompt += (
+            f"\n{secrets_path} is vault-encrypted and no (right) vault password file was given:"
+            " 'keep' leaves it as it is."
+        )
+
+    def v_auth_or_keep(text: str) -> str | None:
+        if not secrets_readable and text.strip().lower() == "keep":
+            return None
+        return v_auth(text)
+
+    auth = p.ask(
+        Question("REGISTRY_CACHE_AUTH_REGISTRIES", auth_prompt, v_auth_or_keep, auth_default, True)
+    )
+    keep_secrets_file = auth is None
+
+    # hosts.yml: keep per-host variables written by hand (ansible_user, ...).
+    def hvars(name: str, cache: bool) -> dict[str, Any]:
+        v = dict(host_vars.get(name) or {})
+        v.pop("registry_cache_address", None)
+        if cache and address != name:
+            v["registry_cache_address"] = address
+        if name in LOCAL_HOSTS:
+            v.setdefault("ansible_connection", "local")
+        return v
+
+    inventory = {
+        "all": {
+            "children": {
+                "registry_cache": {"hosts": {host: hvars(host, True) or None}},
+                "docker_clients": {"hosts": {c: hvars(c, False) or None for c in clients}},
+            }
+        }
+    }
+    if not clients:
+        inventory["all"]["children"]["docker_clients"] = {"hosts": {}}
+    write_file(inv / "hosts.yml", dump("Written by make config.", inventory), 0o644)
+
+    env_to_var = {env: env.lower() for env in answers}
+    variables = {env_to_var[env]: value for env, value in answers.items()}
+    write_file(
+        inv / "group_vars" / "all" / "vars.yml",
+        dump("Written by make config (secrets are in secrets.yml).", variables),
+        0o644,
+    )
+
+    if keep_secrets_file:
+        os.chmod(secrets_path, 0o600)
+        out.write(f"kept {secrets_path} as it was\n")
+    else:
+        data = dump(
+            "Written by make config. Secret: mode 0600, git-ignored.",
+            {"registry_cache_auth_registries": auth},
+        )
+        if secret is not None:
+            data = vault_lib(secret).encrypt(data)
+        write_file(secrets_path, data, 0o600)
+    encrypted = secrets_path.read_bytes().startswith(VAULT_HEADER.encode())
+    out.write(
+        f"\nwrote {inv / 'hosts.yml'}, {inv / 'group_vars/all/vars.yml'} and {secrets_path}"
+        f" ({'vault-encrypted' if encrypted else 'not encrypted'}, mode 0600)\n"
+        "next: ansible-playbook site.yml"
+        + (" --vault-password-file FILE" if encrypted else "")
+        + "   (or `make install` for this one host)\n"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
