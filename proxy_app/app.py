@@ -1,0 +1,115 @@
+"""The application: builds every part from the config, runs them, stops them cleanly.
+
+This object is the only state the process has; everything else hangs off it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from . import __version__
+from .blobs import FilesystemBlobStore
+from .ca import CertificateAuthority
+from .config import Config
+from .index import Index
+from .metrics import Metrics
+from .registry import RegistryProxy
+from .server import ProxyServer
+from .store_maintenance import StoreMaintenance
+from .upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+HOUSEKEEPING_INTERVAL = 10.0
+
+
+class RegistryCacheApp:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="registry-cache-io")
+        self.started_at = time.time()
+        self.store: FilesystemBlobStore
+        self.index: Index
+        self.maintenance: StoreMaintenance
+        self.registry: RegistryProxy
+        self.server: ProxyServer
+        self.upstream = Upstream(config)
+        self._housekeeping: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        cfg.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        ca = CertificateAuthority.load_or_create(cfg.ca_dir)
+        log.info("CA %s (sha256 %s)", cfg.ca_dir / "ca.crt", ca.fingerprint())
+        self.store = FilesystemBlobStore(cfg.cache_dir)
+        self.index, rebuilt = Index.open_or_rebuild(cfg.cache_dir / "index.sqlite3")
+        self.maintenance = StoreMaintenance(cfg, self.store, self.index, self.metrics)
+        self.maintenance.reconcile(rebuilt)
+        await self.upstream.start()
+        self.registry = RegistryProxy(
+            cfg,
+            self.store,
+            self.index,
+            self.upstream,
+            self.metrics,
+            self.executor,
+            self.maintenance,
+        )
+        self.server = ProxyServer(cfg, ca, self.registry, self.metrics, self.health)
+        await self.server.start()
+        self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
+        log.info(
+            "registry-cache %s ready (cache %s, max_size %d bytes)",
+            __version__,
+            cfg.cache_dir,
+            cfg.max_size,
+        )
+
+    async def _housekeep(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            try:
+                self.index.flush_access()
+                self.maintenance.expire_inactive(self.registry.inflight)
+            except Exception:
+                log.exception("housekeeping failed; will try again")
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        writable = os.access(self.config.cache_dir, os.W_OK)
+        details: dict[str, Any] = {
+            "status": "ok" if writable else "cache_dir not writable",
+            "version": __version__,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "cache_bytes": self.maintenance.size,
+            "max_size": self.config.max_size,
+            "inflight_fetches": len(self.registry.inflight),
+        }
+        return writable, details
+
+    async def stop(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        await self.server.close()
+        await self.registry.close()
+        await self.upstream.close()
+        self.index.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def serve(config: Config) -> None:
+    app = RegistryCacheApp(config)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    await app.stop()

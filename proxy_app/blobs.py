@@ -1,0 +1,184 @@
+"""The content-addressed blob store.
+
+Blobs (layers, configs and manifests alike) are stored under their sha256 digest.
+A write goes to a temporary file and becomes visible only when `commit()` has checked
+its digest, so a half-written or corrupted blob can never be served. The interface is
+small (has, size, open, begin a write, delete, list) so that another backend, an S3-style
+object store, can stand in for the local filesystem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+SHA256_DIGEST = re.compile(r"sha256:([a-f0-9]{64})")
+
+
+class DigestMismatch(Exception):
+    """The bytes written do not hash to the digest they were fetched under."""
+
+
+def hex_of(digest: str) -> str:
+    """The hex part of a validated `sha256:<hex>` digest; anything else is refused."""
+    m = SHA256_DIGEST.fullmatch(digest)
+    if not m:
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+    return m.group(1)
+
+
+class BlobReader(Protocol):
+    def pread(self, size: int, offset: int) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class BlobWriter(Protocol):
+    digest: str
+    written: int
+
+    def write(self, data: bytes) -> None: ...
+    def reader(self) -> BlobReader: ...
+    def commit(self, expected_size: int | None) -> int: ...
+    def abort(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    def has(self, digest: str) -> bool: ...
+    def size(self, digest: str) -> int | None: ...
+    def open(self, digest: str) -> BlobReader: ...
+    def begin_write(self, digest: str) -> BlobWriter: ...
+    def delete(self, digest: str) -> bool: ...
+    def list(self) -> Iterator[tuple[str, int]]: ...
+
+
+class FileReader:
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return os.pread(self._fd, size, offset)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class FileWriter:
+    """A blob being written to `tmp/`; `commit` verifies it and moves it into the store."""
+
+    def __init__(self, store: FilesystemBlobStore, digest: str) -> None:
+        self.digest = digest
+        self.written = 0
+        self._store = store
+        self._hash = hashlib.sha256()
+        self.tmp_path = store.tmp_dir / f"{hex_of(digest)}.{uuid.uuid4().hex}"
+        self._fd = os.open(
+            self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640
+        )
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self._hash.update(data)
+        self.written += len(data)
+
+    def reader(self) -> FileReader:
+        return FileReader(self.tmp_path)
+
+    def commit(self, expected_size: int | None) -> int:
+        actual = "sha256:" + self._hash.hexdigest()
+        if actual != self.digest or (expected_size is not None and expected_size != self.written):
+            self.abort()
+            raise DigestMismatch(
+                f"upstream sent {self.written} bytes hashing to {actual}, expected {self.digest}"
+                + (f" ({expected_size} bytes)" if expected_size is not None else "")
+            )
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        final = self._store.path(self.digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.tmp_path, final)
+        _fsync_dir(final.parent)
+        return self.written
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.tmp_path.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FilesystemBlobStore:
+    """`<cache_dir>/blobs/sha256/<2 hex>/<hex>`, with temporary files in `<cache_dir>/tmp`."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.root = cache_dir / "blobs" / "sha256"
+        self.tmp_dir = cache_dir / "tmp"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def empty_tmp(self) -> int:
+        """Removes what a previous run left half-written; returns how many files went."""
+        removed = 0
+        for entry in self.tmp_dir.iterdir():
+            if entry.is_file() or entry.is_symlink():
+                entry.unlink()
+                removed += 1
+        return removed
+
+    def path(self, digest: str) -> Path:
+        hex_digest = hex_of(digest)
+        return self.root / hex_digest[:2] / hex_digest
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def size(self, digest: str) -> int | None:
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def open(self, digest: str) -> FileReader:
+        return FileReader(self.path(digest))
+
+    def begin_write(self, digest: str) -> FileWriter:
+        return FileWriter(self, digest)
+
+    def delete(self, digest: str) -> bool:
+        try:
+            self.path(digest).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def list(self) -> Iterator[tuple[str, int]]:
+        for shard in self.root.iterdir():
+            if not shard.is_dir():
+                continue
+            for entry in shard.iterdir():
+                if SHA256_DIGEST.fullmatch("sha256:" + entry.name) and entry.name[:2] == shard.name:
+                    try:
+                        yield "sha256:" + entry.name, entry.stat().st_size
+                    except FileNotFoundError:
+                        continue

@@ -1,0 +1,202 @@
+"""The proxy's certificate authority and the leaf certificates it mints per host.
+
+The CA is made on first start and kept in `ca_dir` (`ca.key` mode 0600). Leaves share
+one key per process (minting is then a signature, not a key generation) and their
+SSL contexts are cached per host. The leaf key and certificate reach the ssl module
+through a memfd, so no leaf key is ever written to disk.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+from collections import OrderedDict
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+log = logging.getLogger(__name__)
+
+CA_VALIDITY = datetime.timedelta(days=3650)
+LEAF_VALIDITY = datetime.timedelta(days=365)
+# Clients compare leaf times with their own clocks; a little slack absorbs clock skew.
+CLOCK_SKEW = datetime.timedelta(hours=1)
+LEAF_CACHE_SIZE = 4096
+
+
+class CAError(RuntimeError):
+    pass
+
+
+def _write_private(path: Path, data: bytes, mode: int) -> None:
+    """Writes a file atomically, created with `mode` (never briefly world-readable)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+class CertificateAuthority:
+    def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+        self.cert = cert
+        self.key = key
+        self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        self._leaf_key = ec.generate_private_key(ec.SECP256R1())
+        self._leaf_key_pem = self._leaf_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        self._contexts: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+
+    # --- loading ------------------------------------------------------------------------
+
+    @classmethod
+    def load_or_create(cls, ca_dir: Path) -> CertificateAuthority:
+        cert_path, key_path = ca_dir / "ca.crt", ca_dir / "ca.key"
+        if cert_path.exists() and key_path.exists():
+            return cls.load(ca_dir)
+        if cert_path.exists() or key_path.exists():
+            raise CAError(
+                f"{ca_dir} holds only one of ca.crt and ca.key; restore the other "
+                "or remove both to make a new CA (clients must then trust the new one)"
+            )
+        ca_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        ca = cls.create()
+        _write_private(key_path, ca.key_pem(), 0o600)
+        _write_private(cert_path, ca.cert_pem, 0o644)
+        log.info("created a new CA in %s (fingerprint %s)", ca_dir, ca.fingerprint())
+        return ca
+
+    @classmethod
+    def load(cls, ca_dir: Path) -> CertificateAuthority:
+        cert_path, key_path = ca_dir / "ca.crt", ca_dir / "ca.key"
+        mode = key_path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise CAError(f"{key_path} is readable by others (mode {mode:o}); chmod 600 it")
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        except (ValueError, OSError) as e:
+            raise CAError(f"cannot load the CA from {ca_dir}: {e}") from e
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise CAError(f"{key_path} is not an EC private key")
+        if cert.public_key().public_numbers() != key.public_key().public_numbers():
+            raise CAError(f"{cert_path} and {key_path} do not belong together")
+        return cls(cert, key)
+
+    @classmethod
+    def create(cls, common_name: str | None = None) -> CertificateAuthority:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Registry Cache"),
+                x509.NameAttribute(
+                    NameOID.COMMON_NAME,
+                    common_name or f"Registry Cache CA ({socket.gethostname()})",
+                ),
+            ]
+        )
+        now = datetime.datetime.now(datetime.UTC)
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(now + CA_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(ski, critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(cert, key)
+
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def fingerprint(self) -> str:
+        return self.cert.fingerprint(hashes.SHA256()).hex(":")
+
+    # --- leaves -------------------------------------------------------------------------
+
+    def issue_leaf(self, host: str) -> x509.Certificate:
+        try:
+            san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            san = x509.DNSName(host)
+        now = datetime.datetime.now(datetime.UTC)
+        # A certificate's CN is limited to 64 characters; the SAN carries the real name.
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host[:64])])
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.cert.subject)
+            .public_key(self._leaf_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(min(now + LEAF_VALIDITY, self.cert.not_valid_after_utc))
+            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+
+    def server_context(self, host: str) -> ssl.SSLContext:
+        """An SSL context presenting a leaf for `host`, cached (LRU) per host."""
+        host = host.lower()
+        ctx = self._contexts.get(host)
+        if ctx is not None:
+            self._contexts.move_to_end(host)
+            return ctx
+        leaf = self.issue_leaf(host)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        # HTTP/2 is not spoken inside the tunnel: say so, so clients settle on HTTP/1.1.
+        ctx.set_alpn_protocols(["http/1.1"])
+        pem = leaf.public_bytes(serialization.Encoding.PEM) + self.cert_pem + self._leaf_key_pem
+        fd = os.memfd_create("registry-cache-leaf", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, pem)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        self._contexts[host] = ctx
+        if len(self._contexts) > LEAF_CACHE_SIZE:
+            self._contexts.popitem(last=False)
+        return ctx

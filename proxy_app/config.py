@@ -1,0 +1,375 @@
+"""Configuration: a YAML file, each key overridable by a REGISTRY_CACHE_<KEY> variable.
+
+Every value is validated at start-up; a bad value or an unknown key stops the start
+with a message that names the key and says what is wrong.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "REGISTRY_CACHE_"
+
+# Loopback, the private IPv4 ranges, carrier-grade NAT and IPv6 unique-local addresses.
+DEFAULT_ALLOWED_CLIENTS = (
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "fc00::/7",
+)
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who has to fix it."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str
+
+    def __repr__(self) -> str:  # never show the password, even in a debug dump
+        return f"Credentials(username={self.username!r}, password=***)"
+
+
+@dataclass(frozen=True)
+class ProxyUser:
+    name: str
+    password_hash: str
+    allow: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"ProxyUser(name={self.name!r}, allow={self.allow!r})"
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: tuple[ListenAddress, ...] = (ListenAddress("0.0.0.0", 3128), ListenAddress("::", 3128))
+    cache_dir: Path = Path("/var/lib/registry-cache")
+    ca_dir: Path = Path("/var/lib/registry-cache/ca")
+    max_size: int = 32 << 30
+    inactive: float = 60 * 86400
+    tag_ttl: float = 300
+    stale_if_error: float = 7 * 86400
+    auth_registries: Mapping[str, Credentials] = field(default_factory=dict)
+    allow_push: bool = False
+    intercept: tuple[str, ...] = ("*",)
+    passthrough: tuple[str, ...] = ()
+    allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
+        ipaddress.ip_network(n) for n in DEFAULT_ALLOWED_CLIENTS
+    )
+    allowed_ports: frozenset[int] = frozenset({443})
+    users: tuple[ProxyUser, ...] = ()
+    upstream_ca_bundle: Path | None = None
+    upstream_proxy: str | None = None
+    log_format: str = "text"
+    log_level: str = "info"
+    # True when `listen` was not configured: a missing IPv6 stack then is not an error.
+    listen_is_default: bool = True
+
+
+# --- value parsers: each takes the raw value (YAML or environment string) ---------------
+
+
+def parse_size(value: Any) -> int:
+    """`32g`, `500m`, `1.5t`, `4096`: binary units (k = 1024)."""
+    if isinstance(value, bool):
+        raise ConfigError("expected a size such as 32g, 500m or 1048576")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError("a size cannot be negative")
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{value!r} is not a size; use a number with k, m, g or t (e.g. 32g)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_duration(value: Any) -> float:
+    """`30s`, `10m`, `2h`, `60d`, `1w`, or a number of seconds."""
+    if isinstance(value, bool):
+        raise ConfigError("expected a duration such as 30s, 10m, 2h or 60d")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ConfigError("a duration cannot be negative")
+        return float(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{value!r} is not a duration; use a number with s, m, h, d or w")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{value!r} is not a boolean; use true or false")
+
+
+def _string_list(value: Any) -> list[str]:
+    """A YAML list, or a string of items separated by spaces or commas (environment form)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [item for item in re.split(r"[\s,]+", value) if item]
+    if isinstance(value, list | tuple):
+        if not all(isinstance(item, str | int) and not isinstance(item, bool) for item in value):
+            raise ConfigError("expected a list of strings")
+        return [str(item) for item in value]
+    raise ConfigError("expected a list (or a space-separated string)")
+
+
+def parse_listen(value: Any) -> tuple[ListenAddress, ...]:
+    addresses = []
+    for item in _string_list(value):
+        m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", item)
+        if not m:
+            raise ConfigError(f"{item!r} is not host:port (use [::]:3128 for IPv6)")
+        host = m.group(1) if m.group(1) is not None else m.group(3)
+        port = int(m.group(2) or m.group(4))
+        if not 0 < port < 65536:
+            raise ConfigError(f"port {port} in {item!r} is out of range 1-65535")
+        addresses.append(ListenAddress(host or "0.0.0.0", port))
+    if not addresses:
+        raise ConfigError("at least one address is needed")
+    return tuple(addresses)
+
+
+def parse_auth_registries(value: Any) -> dict[str, Credentials]:
+    """The list form `[{host, username, password}]` or the string form `host:user:pass ...`."""
+    entries: list[tuple[str, str, str]] = []
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        for i, item in enumerate(value.split(), start=1):
+            parts = item.split(":", 2)
+            if len(parts) != 3 or not all(parts):
+                raise ConfigError(
+                    f"entry {i} is not host:username:password "
+                    "(entries are separated by spaces; the password may contain ':')"
+                )
+            entries.append((parts[0], parts[1], parts[2]))
+    elif isinstance(value, list):
+        for i, item in enumerate(value, start=1):
+            if not isinstance(item, Mapping):
+                raise ConfigError(f"entry {i} must be a mapping with host, username, password")
+            unknown = set(item) - {"host", "username", "password"}
+            if unknown:
+                raise ConfigError(f"entry {i} has unknown keys: {', '.join(sorted(unknown))}")
+            missing = [k for k in ("host", "username", "password") if not item.get(k)]
+            if missing:
+                raise ConfigError(f"entry {i} lacks {', '.join(missing)}")
+            entries.append((str(item["host"]), str(item["username"]), str(item["password"])))
+    else:
+        raise ConfigError("expected a list of {host, username, password} or 'host:user:pass ...'")
+    result: dict[str, Credentials] = {}
+    for host, user, password in entries:
+        host = host.lower()
+        if not re.fullmatch(r"[a-z0-9.-]+(:\d+)?", host):
+            raise ConfigError(f"{host!r} is not a registry host name (host or host:port)")
+        if host in result:
+            raise ConfigError(f"{host!r} is listed twice")
+        result[host] = Credentials(user, password)
+    return result
+
+
+def parse_host_globs(value: Any) -> tuple[str, ...]:
+    globs = _string_list(value)
+    for g in globs:
+        if not re.fullmatch(
+            r"[A-Za-z0-9.*?\[\]_-]+(:[0-9*?]+)?|\[[0-9a-fA-F:.*?]+\](:[0-9*?]+)?", g
+        ):
+            raise ConfigError(f"{g!r} is not a host glob (host, *.example.com, host:port)")
+    return tuple(g.lower() for g in globs)
+
+
+def parse_networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for item in _string_list(value):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as e:
+            raise ConfigError(f"{item!r} is not a network in CIDR form (e.g. 10.0.0.0/8)") from e
+    return tuple(networks)
+
+
+def parse_ports(value: Any) -> frozenset[int]:
+    ports = set()
+    for item in _string_list(value):
+        if not item.isdigit() or not 0 < int(item) < 65536:
+            raise ConfigError(f"{item!r} is not a port number 1-65535")
+        ports.add(int(item))
+    return frozenset(ports)
+
+
+def parse_users(value: Any) -> tuple[ProxyUser, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError("expected a list of {name, password_hash, allow}")
+    users = []
+    for i, item in enumerate(value, start=1):
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"entry {i} must be a mapping with name and password_hash")
+        unknown = set(item) - {"name", "password_hash", "allow"}
+        if unknown:
+            raise ConfigError(f"entry {i} has unknown keys: {', '.join(sorted(unknown))}")
+        name, pw_hash = item.get("name"), item.get("password_hash")
+        if not name or not isinstance(name, str) or ":" in name:
+            raise ConfigError(f"entry {i} needs a name without ':'")
+        if not isinstance(pw_hash, str) or not pw_hash.startswith("scrypt$"):
+            raise ConfigError(
+                f"user {name!r} needs a password_hash made by `registry-cache hash-password`"
+            )
+        users.append(ProxyUser(name, pw_hash, tuple(_string_list(item.get("allow")))))
+    return tuple(users)
+
+
+def parse_path(value: Any) -> Path:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError("expected a path")
+    return Path(value).expanduser()
+
+
+def parse_optional_path(value: Any) -> Path | None:
+    return None if value in (None, "") else parse_path(value)
+
+
+def parse_proxy_url(value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+/?", value):
+        raise ConfigError(f"{value!r} is not a proxy URL such as http://proxy.example:3128")
+    return value
+
+
+def parse_choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ConfigError(f"{value!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+PARSERS: dict[str, Callable[[Any], Any]] = {
+    "listen": parse_listen,
+    "cache_dir": parse_path,
+    "ca_dir": parse_optional_path,
+    "max_size": parse_size,
+    "inactive": parse_duration,
+    "tag_ttl": parse_duration,
+    "stale_if_error": parse_duration,
+    "auth_registries": parse_auth_registries,
+    "allow_push": parse_bool,
+    "intercept": parse_host_globs,
+    "passthrough": parse_host_globs,
+    "allowed_clients": parse_networks,
+    "allowed_ports": parse_ports,
+    "users": parse_users,
+    "upstream_ca_bundle": parse_optional_path,
+    "upstream_proxy": parse_proxy_url,
+    "log_format": parse_choice("text", "json"),
+    "log_level": parse_choice("debug", "info", "warning", "error"),
+}
+
+# Keys whose environment value is YAML rather than a plain string (lists of mappings).
+_YAML_ENV_KEYS = {"users"}
+# Variables with the prefix that belong to other tools (make config), not to the server.
+_FOREIGN_ENV = {"HOST", "CLIENTS", "VAULT_PASSWORD_FILE", "CONFIG"}
+
+
+def ports_named_in(globs: tuple[str, ...]) -> set[int]:
+    return {int(g.rsplit(":", 1)[1]) for g in globs if re.search(r":\d+$", g)}
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Reads the file (when given), applies the environment, validates everything."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must be a mapping of keys to values")
+        unknown = sorted(str(k) for k in loaded if k not in PARSERS)
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(PARSERS)}"
+            )
+        raw.update(loaded)
+
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key in PARSERS:
+            if key in _YAML_ENV_KEYS:
+                try:
+                    raw[key] = yaml.safe_load(value)
+                except yaml.YAMLError as e:
+                    raise ConfigError(f"{name} is not valid YAML: {e}") from e
+            else:
+                raw[key] = value
+        elif key.upper() not in _FOREIGN_ENV:
+            log.warning("ignoring environment variable %s: no config key %r", name, key)
+
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            values[key] = PARSERS[key](value)
+        except ConfigError as e:
+            raise ConfigError(f"config key {key!r}: {e}") from None
+
+    cache_dir = values.get("cache_dir", Config.cache_dir)
+    if values.get("ca_dir") is None:
+        values["ca_dir"] = cache_dir / "ca"
+    intercept = values.get("intercept", Config.intercept)
+    if "allowed_ports" not in values:
+        values["allowed_ports"] = frozenset({443} | ports_named_in(intercept))
+    values["listen_is_default"] = "listen" not in raw
+    if values.get("tag_ttl", Config.tag_ttl) > values.get("stale_if_error", Config.stale_if_error):
+        log.warning("stale_if_error is shorter than tag_ttl: stale tags will never be served")
+    bundle = values.get("upstream_ca_bundle")
+    if bundle is not None and not bundle.is_file():
+        raise ConfigError(f"config key 'upstream_ca_bundle': {bundle} is not a readable file")
+    return Config(**values)

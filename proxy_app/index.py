@@ -1,0 +1,160 @@
+"""The SQLite index: what the store holds (size, media type, last access) and tag answers.
+
+WAL mode with one transaction per change keeps it consistent through a crash. Access
+times are updated in memory and flushed in batches, so a cache HIT costs no disk write.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (
+    digest      TEXT PRIMARY KEY,
+    size        INTEGER NOT NULL,
+    media_type  TEXT,
+    stored_at   REAL NOT NULL,
+    last_access REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS blobs_by_access ON blobs(last_access);
+CREATE TABLE IF NOT EXISTS tags (
+    host       TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    tag        TEXT NOT NULL,
+    variant    TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    checked_at REAL NOT NULL,
+    PRIMARY KEY (host, name, tag, variant)
+);
+CREATE TABLE IF NOT EXISTS stats (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class TagEntry:
+    digest: str
+    media_type: str
+    checked_at: float
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    digest: str
+    size: int
+    media_type: str | None
+    last_access: float
+
+
+class Index:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._pending_access: dict[str, float] = {}
+
+    @classmethod
+    def open_or_rebuild(cls, path: Path) -> tuple[Index, bool]:
+        """Opens the index; a corrupt file is moved aside and a new one made (True)."""
+        try:
+            index = cls(path)
+            index._db.execute("SELECT count(*) FROM blobs").fetchone()
+            return index, False
+        except sqlite3.DatabaseError as e:
+            log.error("index %s is unreadable (%s); rebuilding it from the store", path, e)
+            for suffix in ("", "-wal", "-shm"):
+                p = path.with_name(path.name + suffix)
+                if p.exists():
+                    p.replace(p.with_name(p.name + ".corrupt"))
+            return cls(path), True
+
+    def close(self) -> None:
+        self.flush_access()
+        self._db.close()
+
+    # --- blobs --------------------------------------------------------------------------
+
+    def add_blob(self, digest: str, size: int, media_type: str | None = None) -> None:
+        now = time.time()
+        self._db.execute(
+            "INSERT INTO blobs(digest, size, media_type, stored_at, last_access) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(digest) DO UPDATE SET "
+            "size=excluded.size, last_access=excluded.last_access, "
+            "media_type=coalesce(excluded.media_type, blobs.media_type)",
+            (digest, size, media_type, now, now),
+        )
+
+    def blob(self, digest: str) -> BlobEntry | None:
+        row = self._db.execute(
+            "SELECT digest, size, media_type, last_access FROM blobs WHERE digest=?", (digest,)
+        ).fetchone()
+        return BlobEntry(*row) if row else None
+
+    def touch(self, digest: str) -> None:
+        self._pending_access[digest] = time.time()
+
+    def flush_access(self) -> None:
+        if not self._pending_access:
+            return
+        pending, self._pending_access = self._pending_access, {}
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "UPDATE blobs SET last_access=max(last_access, ?) WHERE digest=?",
+                [(t, d) for d, t in pending.items()],
+            )
+
+    def remove_blob(self, digest: str) -> None:
+        self._db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
+
+    def total_size(self) -> int:
+        return int(self._db.execute("SELECT coalesce(sum(size), 0) FROM blobs").fetchone()[0])
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM blobs").fetchone()[0])
+
+    def least_recently_used(self, limit: int = 100) -> list[BlobEntry]:
+        rows = self._db.execute(
+            "SELECT digest, size, media_type, last_access FROM blobs ORDER BY last_access LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [BlobEntry(*r) for r in rows]
+
+    def all_digests(self) -> set[str]:
+        return {r[0] for r in self._db.execute("SELECT digest FROM blobs")}
+
+    # --- tags ---------------------------------------------------------------------------
+
+    def tag(self, host: str, name: str, tag: str, variant: str) -> TagEntry | None:
+        row = self._db.execute(
+            "SELECT digest, media_type, checked_at FROM tags "
+            "WHERE host=? AND name=? AND tag=? AND variant=?",
+            (host, name, tag, variant),
+        ).fetchone()
+        return TagEntry(*row) if row else None
+
+    def set_tag(
+        self, host: str, name: str, tag: str, variant: str, digest: str, media_type: str
+    ) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO tags(host, name, tag, variant, digest, media_type, checked_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (host, name, tag, variant, digest, media_type, time.time()),
+        )
+
+    def drop_tag(self, host: str, name: str, tag: str, variant: str) -> None:
+        self._db.execute(
+            "DELETE FROM tags WHERE host=? AND name=? AND tag=? AND variant=?",
+            (host, name, tag, variant),
+        )

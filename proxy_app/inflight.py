@@ -1,0 +1,127 @@
+"""Blob fetches in flight: one upstream download per digest, shared by every client.
+
+A fetch writes into the store's temporary file; clients that ask for the same blob
+meanwhile read that file as it grows, so a client that joins late starts receiving at
+once instead of waiting for the download to end. The last byte is held back from readers
+until the digest has been verified: a blob that fails verification is never delivered
+whole, and the readers' connections are cut instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from .blobs import BlobReader, BlobStore, BlobWriter
+
+log = logging.getLogger(__name__)
+
+
+class FetchFailed(Exception):
+    """The shared download broke or its bytes failed verification."""
+
+
+class BlobFetch:
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+        self.size: int | None = None
+        self.writer: BlobWriter | None = None
+        # Resolves once upstream has answered: True when bytes are coming, False when the
+        # initiating request got an answer other than 200 (its own to relay).
+        self.started: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.committed = False
+        # What upstream answered the initiating request instead of the blob (to relay).
+        self.refusal: object | None = None
+        self.error: FetchFailed | None = None
+        self._progress = asyncio.Event()
+
+    # --- writer side --------------------------------------------------------------------
+
+    def begin(self, writer: BlobWriter, size: int | None) -> None:
+        self.writer, self.size = writer, size
+        if not self.started.done():
+            self.started.set_result(True)
+
+    def refuse(self) -> None:
+        """Upstream did not give the blob to the initiating client; others try themselves."""
+        if not self.started.done():
+            self.started.set_result(False)
+        self._notify()
+
+    def progressed(self) -> None:
+        self._notify()
+
+    def finish(self) -> None:
+        self.committed = True
+        self._notify()
+
+    def fail(self, reason: str) -> None:
+        self.error = FetchFailed(reason)
+        if not self.started.done():
+            self.started.set_result(False)
+        self._notify()
+
+    def _notify(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    # --- reader side --------------------------------------------------------------------
+
+    def readable(self) -> int:
+        """Bytes a reader may take now: all once verified, else all but the last one."""
+        written = self.writer.written if self.writer else 0
+        return written if self.committed else max(written - 1, 0)
+
+    async def wait_beyond(self, offset: int) -> int:
+        """Waits until more than `offset` bytes may be read; returns how many may."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            available = self.readable()
+            if available > offset or self.committed:
+                return available
+            await self._progress.wait()
+
+    def open_reader(self, store: BlobStore) -> BlobReader:
+        """Opens the growing file; once committed (even mid-rename) the stored one."""
+        assert self.writer is not None
+        try:
+            return self.writer.reader()
+        except FileNotFoundError:
+            if self.error is not None:
+                raise self.error from None
+            return store.open(self.digest)
+
+
+class InflightFetches:
+    """The registry of fetches under way, keyed by digest."""
+
+    def __init__(self, on_change: Callable[[int], None] | None = None) -> None:
+        self._fetches: dict[str, BlobFetch] = {}
+        self._on_change = on_change
+
+    def get(self, digest: str) -> BlobFetch | None:
+        return self._fetches.get(digest)
+
+    def claim(self, digest: str) -> tuple[BlobFetch, bool]:
+        """The fetch for `digest`, and whether the caller created it (and must run it)."""
+        fetch = self._fetches.get(digest)
+        if fetch is not None:
+            return fetch, False
+        fetch = BlobFetch(digest)
+        self._fetches[digest] = fetch
+        self._changed()
+        return fetch, True
+
+    def release(self, fetch: BlobFetch) -> None:
+        if self._fetches.get(fetch.digest) is fetch:
+            del self._fetches[fetch.digest]
+            self._changed()
+
+    def __len__(self) -> int:
+        return len(self._fetches)
+
+    def _changed(self) -> None:
+        if self._on_change:
+            self._on_change(len(self._fetches))

@@ -1,0 +1,278 @@
+"""Manifests: immutable by digest, and the tag policy (tag_ttl, revalidation, stale_if_error).
+
+A manifest's bytes are kept in the blob store under their digest, its media type in
+the index. A tag's answer is kept per Accept variant (a client asking for OCI indexes
+and one asking for Docker schema 2 may get different manifests for the same tag). It
+is trusted for `tag_ttl`; after that an upstream HEAD revalidates it (Docker Hub does
+not count a HEAD against the pull limit), and when upstream fails the cached answer
+is served as STALE for up to `stale_if_error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from concurrent.futures import Executor
+
+import aiohttp
+from aiohttp import web
+
+from .blobs import BlobStore
+from .config import Config
+from .exchange import Exchange
+from .index import Index, TagEntry
+from .metrics import Metrics
+from .responses import API_VERSION, CACHE_HEADER, error_response, relay
+from .routes import Route
+from .upstream import UPSTREAM_ERRORS, Origin, Upstream
+
+log = logging.getLogger(__name__)
+
+# distribution refuses manifests over 4 MiB; anything larger is not a manifest.
+MAX_MANIFEST_SIZE = 4 << 20
+DEFAULT_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+class UpstreamAnswerInvalid(Exception):
+    pass
+
+
+def accept_variant(values: list[str]) -> str:
+    """The set of media types a client accepts, normalised (order and q-values dropped)."""
+    types = {
+        part.split(";", 1)[0].strip().lower()
+        for value in values
+        for part in value.split(",")
+        if part.strip()
+    }
+    return ",".join(sorted(types))
+
+
+def _upstream_failed(status: int) -> bool:
+    return status >= 500 or status == 429
+
+
+class ManifestCache:
+    def __init__(
+        self,
+        config: Config,
+        store: BlobStore,
+        index: Index,
+        upstream: Upstream,
+        metrics: Metrics,
+        executor: Executor,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.index = index
+        self.upstream = upstream
+        self.metrics = metrics
+        self.executor = executor
+
+    # --- answers ------------------------------------------------------------------------
+
+    def _cached_body(self, digest: str) -> tuple[bytes, str] | None:
+        entry = self.index.blob(digest)
+        if entry is None or entry.media_type is None:
+            return None
+        try:
+            reader = self.store.open(digest)
+        except FileNotFoundError:
+            return None
+        try:
+            body = reader.pread(entry.size + 1, 0)
+        finally:
+            reader.close()
+        if len(body) != entry.size:
+            return None
+        self.index.touch(digest)
+        return body, entry.media_type
+
+    def _answer(
+        self, request: web.BaseRequest, body: bytes, media_type: str, digest: str, ex: Exchange
+    ) -> web.Response:
+        ex.sent = 0 if request.method == "HEAD" else len(body)
+        self.metrics.bytes.labels("upstream" if ex.result == "MISS" else "cache").inc(ex.sent)
+        return web.Response(
+            body=body,
+            headers={
+                "Content-Type": media_type,
+                "Docker-Content-Digest": digest,
+                "Etag": f'"{digest}"',
+                CACHE_HEADER: ex.result,
+                **API_VERSION,
+            },
+        )
+
+    async def _store(self, digest: str, body: bytes, media_type: str) -> None:
+        def write() -> int:
+            writer = self.store.begin_write(digest)
+            try:
+                writer.write(body)
+            except BaseException:
+                writer.abort()
+                raise
+            return writer.commit(len(body))
+
+        size = await asyncio.get_running_loop().run_in_executor(self.executor, write)
+        self.index.add_blob(digest, size, media_type)
+
+    async def _read_manifest(self, upstream: aiohttp.ClientResponse) -> tuple[bytes, str, str]:
+        if (upstream.content_length or 0) > MAX_MANIFEST_SIZE:
+            raise UpstreamAnswerInvalid(f"manifest of {upstream.content_length} bytes is too large")
+        body = await upstream.content.read(MAX_MANIFEST_SIZE + 1)
+        if len(body) > MAX_MANIFEST_SIZE:
+            raise UpstreamAnswerInvalid("manifest larger than 4 MiB")
+        if upstream.content_length is not None and len(body) != upstream.content_length:
+            raise UpstreamAnswerInvalid("manifest body shorter than its Content-Length")
+        media_type = upstream.headers.get("Content-Type", DEFAULT_MEDIA_TYPE).split(";")[0].strip()
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        claimed = upstream.headers.get("Docker-Content-Digest")
+        if claimed and claimed.startswith("sha256:") and claimed != digest:
+            raise UpstreamAnswerInvalid(f"manifest hashes to {digest}, upstream claims {claimed}")
+        return body, media_type, digest
+
+    def _invalid(self, origin: Origin, error: Exception, ex: Exchange) -> web.Response:
+        self.metrics.upstream_errors.inc()
+        ex.note = str(error)
+        log.error("refusing manifest from %s: %s", origin.netloc, error)
+        return error_response(
+            502,
+            "MANIFEST_INVALID",
+            f"upstream {origin.netloc} sent a bad manifest: {error}",
+            ex.result,
+        )
+
+    # --- by digest ----------------------------------------------------------------------
+
+    async def by_digest(
+        self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
+    ) -> web.StreamResponse:
+        cached = self._cached_body(route.reference)
+        if cached is not None:
+            ex.result = "HIT"
+            return self._answer(request, *cached, route.reference, ex)
+        ex.result = "MISS"
+        upstream = await self.upstream.request(
+            "GET", origin, ex.path, request.headers, follow_redirects=True
+        )
+        try:
+            if upstream.status != 200:
+                response, ex.sent = await relay(request, upstream, "MISS")
+                return response
+            try:
+                body, media_type, digest = await self._read_manifest(upstream)
+                if digest != route.reference:
+                    raise UpstreamAnswerInvalid(
+                        f"manifest hashes to {digest}, not {route.reference}"
+                    )
+            except UpstreamAnswerInvalid as e:
+                return self._invalid(origin, e, ex)
+        finally:
+            upstream.release()
+        await self._store(digest, body, media_type)
+        return self._answer(request, body, media_type, digest, ex)
+
+    # --- by tag -------------------------------------------------------------------------
+
+    async def by_tag(
+        self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
+    ) -> web.StreamResponse:
+        key = (
+            origin.netloc,
+            route.name,
+            route.reference,
+            accept_variant(request.headers.getall("Accept", [])),
+        )
+        entry = self.index.tag(*key)
+        cached = self._cached_body(entry.digest) if entry else None
+        age = time.time() - entry.checked_at if entry else 0.0
+        stale_ok = cached is not None and age < self.config.stale_if_error
+
+        if entry is not None and cached is not None:
+            if age < self.config.tag_ttl:
+                ex.result = "HIT"
+                return self._answer(request, *cached, entry.digest, ex)
+            revalidated = await self._revalidate(request, origin, entry, stale_ok, ex)
+            if revalidated is not None:
+                if ex.result == "HIT":  # a STALE answer must not restart the clock
+                    self.index.set_tag(*key, entry.digest, entry.media_type)
+                return self._answer(request, *cached, entry.digest, ex)
+
+        ex.result = "MISS"
+        try:
+            upstream = await self.upstream.request(
+                "GET", origin, ex.path, request.headers, follow_redirects=True
+            )
+        except UPSTREAM_ERRORS as e:
+            if stale_ok and entry is not None and cached is not None:
+                return self._stale(request, origin, entry, cached, e, ex)
+            raise
+        try:
+            if upstream.status != 200:
+                if (
+                    stale_ok
+                    and entry is not None
+                    and cached is not None
+                    and _upstream_failed(upstream.status)
+                ):
+                    return self._stale(request, origin, entry, cached, upstream.status, ex)
+                if upstream.status == 404 and entry is not None:
+                    self.index.drop_tag(*key)
+                response, ex.sent = await relay(request, upstream, "MISS")
+                return response
+            try:
+                body, media_type, digest = await self._read_manifest(upstream)
+            except UpstreamAnswerInvalid as e:
+                return self._invalid(origin, e, ex)
+        finally:
+            upstream.release()
+        await self._store(digest, body, media_type)
+        self.index.set_tag(*key, digest, media_type)
+        return self._answer(request, body, media_type, digest, ex)
+
+    async def _revalidate(
+        self,
+        request: web.BaseRequest,
+        origin: Origin,
+        entry: TagEntry,
+        stale_ok: bool,
+        ex: Exchange,
+    ) -> bool | None:
+        """True when upstream still names the cached digest (or is down and the cached
+        answer may be served stale); None when the tag must be fetched anew."""
+        try:
+            head = await self.upstream.request(
+                "HEAD", origin, ex.path, request.headers, follow_redirects=True
+            )
+        except UPSTREAM_ERRORS as e:
+            self.metrics.upstream_errors.inc()
+            if stale_ok:
+                ex.result, ex.note = "STALE", f"upstream unreachable: {e}"[:200]
+                return True
+            return None
+        with head:
+            if head.status == 200 and head.headers.get("Docker-Content-Digest") == entry.digest:
+                ex.result = "HIT"
+                ex.note = "revalidated"
+                return True
+            if stale_ok and _upstream_failed(head.status):
+                self.metrics.upstream_errors.inc()
+                ex.result, ex.note = "STALE", f"upstream answered {head.status}"
+                return True
+        return None
+
+    def _stale(
+        self,
+        request: web.BaseRequest,
+        origin: Origin,
+        entry: TagEntry,
+        cached: tuple[bytes, str],
+        cause: object,
+        ex: Exchange,
+    ) -> web.Response:
+        self.metrics.upstream_errors.inc()
+        ex.result, ex.note = "STALE", f"upstream {origin.netloc} failed: {cause}"[:200]
+        return self._answer(request, *cached, entry.digest, ex)

@@ -1,0 +1,374 @@
+"""Requests inside an intercepted connection: the registry API v2, routed to the caches.
+
+Blobs and manifests by digest are answered from the store (HIT) or fetched once and
+stored (MISS); manifests by tag go through the tag policy in `manifests`; pushes are
+refused unless `allow_push`; everything else (the /v2/ ping, tag lists, token
+endpoints) is passed through uncached (PASS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Mapping
+from concurrent.futures import Executor
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .blobs import BlobStore, DigestMismatch
+from .config import Config, ProxyUser
+from .exchange import Exchange
+from .index import Index
+from .inflight import BlobFetch, FetchFailed, InflightFetches
+from .manifests import ManifestCache
+from .metrics import Metrics
+from .proxy_auth import may_access
+from .responses import (
+    API_VERSION,
+    CACHE_HEADER,
+    CHUNK,
+    error_response,
+    parse_range,
+    relay,
+    stream_blob,
+)
+from .routes import PUSH_METHODS, BadRoute, Route, RouteKind, parse_route
+from .store_maintenance import StoreMaintenance
+from .upstream import UPSTREAM_ERRORS, Origin, Upstream
+
+log = logging.getLogger(__name__)
+
+
+class Refusal:
+    """Upstream's non-200 answer to the request that started a fetch, kept to relay."""
+
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, dict(headers), body
+
+
+def describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text.splitlines()[0][:200]
+
+
+class RegistryProxy:
+    def __init__(
+        self,
+        config: Config,
+        store: BlobStore,
+        index: Index,
+        upstream: Upstream,
+        metrics: Metrics,
+        executor: Executor,
+        maintenance: StoreMaintenance,
+    ) -> None:
+        self.config = config
+        self.maintenance = maintenance
+        self.store = store
+        self.index = index
+        self.upstream = upstream
+        self.metrics = metrics
+        self.executor = executor
+        self.inflight = InflightFetches(on_change=metrics.inflight.set)
+        self.manifests = ManifestCache(config, store, index, upstream, metrics, executor)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- entry point --------------------------------------------------------------------
+
+    async def handle(
+        self, request: web.BaseRequest, origin: Origin, ex: Exchange, user: ProxyUser | None = None
+    ) -> web.StreamResponse:
+        response: web.StreamResponse | None = None
+        try:
+            response = await self._dispatch(request, origin, ex, user)
+        except BadRoute as e:
+            ex.result = "PASS"
+            response = error_response(400, e.code, e.message)
+        except FetchFailed as e:
+            ex.note = describe(e)
+            response = self._cut(request, ex) or error_response(
+                502,
+                "UNAVAILABLE",
+                f"fetching from {origin.netloc} failed: {describe(e)}",
+                ex.result,
+            )
+        except UPSTREAM_ERRORS as e:
+            self.metrics.upstream_errors.inc()
+            ex.note = describe(e)
+            response = self._cut(request, ex) or error_response(
+                502,
+                "UNAVAILABLE",
+                f"upstream registry {origin.netloc} cannot be reached: {describe(e)}",
+                ex.result,
+            )
+        response.headers.setdefault(CACHE_HEADER, ex.result)
+        ex.status = response.status
+        self.metrics.requests.labels(ex.kind, ex.result).inc()
+        return response
+
+    def _cut(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse | None:
+        """After the headers went out, the only honest signal left is a cut connection."""
+        prepared = ex.response
+        if prepared is None:
+            return None
+        if request.transport is not None:
+            request.transport.abort()
+        ex.note = (ex.note + "; connection cut").lstrip("; ")
+        return prepared
+
+    async def _dispatch(
+        self, request: web.BaseRequest, origin: Origin, ex: Exchange, user: ProxyUser | None
+    ) -> web.StreamResponse:
+        method = request.method
+        raw = ex.path
+        if not raw.startswith("/"):
+            raise BadRoute("UNSUPPORTED", "the request target must be a path starting with /")
+        if raw.startswith("/v2/") and method in PUSH_METHODS:
+            ex.kind = "push"
+            if not self.config.allow_push:
+                ex.result = "PASS"
+                return error_response(
+                    405,
+                    "UNSUPPORTED",
+                    "push is disabled on this registry cache (allow_push is false): push to "
+                    f"{origin.netloc} directly, or enable allow_push on the cache",
+                    headers={"Allow": "GET, HEAD"},
+                )
+            return await self.pass_through(request, origin, ex)
+        route = parse_route(raw)
+        ex.kind = route.kind.value
+        if route.name and not may_access(user, origin.netloc, route.name):
+            ex.result = "DENIED"
+            return error_response(
+                403,
+                "DENIED",
+                f"proxy user {user.name if user else '-'} may not read {origin.netloc}/{route.name}"
+                " (not in its allow list)",
+                "DENIED",
+            )
+        if method not in ("GET", "HEAD") or route.kind is RouteKind.OTHER or not route.cacheable:
+            return await self.pass_through(request, origin, ex)
+        if route.kind is RouteKind.BLOB:
+            return await self.blob(request, origin, route, ex)
+        if route.kind is RouteKind.MANIFEST:
+            return await self.manifests.by_digest(request, origin, route, ex)
+        return await self.manifests.by_tag(request, origin, route, ex)
+
+    # --- pass-through -------------------------------------------------------------------
+
+    async def pass_through(
+        self, request: web.BaseRequest, origin: Origin, ex: Exchange, result: str = "PASS"
+    ) -> web.StreamResponse:
+        ex.result = result
+        body = request.content.iter_chunked(CHUNK) if request.body_exists else None
+        try:
+            upstream = await self.upstream.request(
+                request.method, origin, ex.path, request.headers, data=body
+            )
+        except UPSTREAM_ERRORS:
+            if request.method == "GET" and ex.path in ("/v2/", "/v2"):
+                # Registry down: answer the API ping ourselves so that clients go on to
+                # the manifests and blobs the cache can still serve.
+                ex.result, ex.note = "STALE", "upstream unreachable, ping answered locally"
+                self.metrics.upstream_errors.inc()
+                return web.json_response({}, headers={CACHE_HEADER: "STALE", **API_VERSION})
+            raise
+        try:
+            response, ex.sent = await relay(request, upstream, result, ex.prepared)
+            self.metrics.bytes.labels("upstream").inc(ex.sent)
+            return response
+        finally:
+            upstream.release()
+
+    # --- blobs --------------------------------------------------------------------------
+
+    def _blob_headers(self, digest: str, result: str) -> dict[str, str]:
+        return {
+            "Content-Type": "application/octet-stream",
+            "Docker-Content-Digest": digest,
+            "Etag": f'"{digest}"',
+            "Cache-Control": "max-age=31536000",
+            CACHE_HEADER: result,
+            **API_VERSION,
+        }
+
+    async def blob(
+        self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
+    ) -> web.StreamResponse:
+        digest = route.reference
+        size = self.store.size(digest)
+        if size is not None:
+            ex.result = "HIT"
+            self.index.touch(digest)
+            return await self._send_stored(request, digest, size, ex)
+        if request.method == "HEAD":
+            return await self.pass_through(request, origin, ex, result="MISS")
+        ex.result = "MISS"
+        while True:
+            fetch, mine = self.inflight.claim(digest)
+            if mine:
+                self.spawn(self._fetch_blob(fetch, origin, route.name, request.headers))
+            started = await asyncio.shield(fetch.started)
+            if started:
+                break
+            if fetch.error is not None:
+                raise fetch.error
+            refusal = fetch.refusal
+            if mine and isinstance(refusal, Refusal):
+                return web.Response(
+                    status=refusal.status,
+                    body=refusal.body,
+                    headers={**refusal.headers, CACHE_HEADER: "MISS"},
+                )
+            # Upstream refused someone else's request (their token, say): ask with ours.
+        return await self._send_inflight(request, fetch, ex)
+
+    async def _send_stored(
+        self, request: web.BaseRequest, digest: str, size: int, ex: Exchange
+    ) -> web.StreamResponse:
+        byte_range = parse_range(request.headers.get("Range"), size)
+        if byte_range is False:
+            return error_response(
+                416,
+                "RANGE_INVALID",
+                f"range not satisfiable for {size} bytes",
+                ex.result,
+                headers={"Content-Range": f"bytes */{size}"},
+            )
+        try:
+            reader = self.store.open(digest)
+        except FileNotFoundError:  # evicted between the size check and now
+            ex.result = "MISS"
+            raise FetchFailed("blob was removed while being served; retry") from None
+        self.maintenance.pin(digest)
+        try:
+            response, ex.sent = await stream_blob(
+                request,
+                reader,
+                headers=self._blob_headers(digest, ex.result),
+                size=size,
+                byte_range=byte_range or None,
+                executor=self.executor,
+                on_prepared=ex.prepared,
+            )
+        finally:
+            reader.close()
+            self.maintenance.unpin(digest)
+        self.metrics.bytes.labels("cache").inc(ex.sent)
+        return response
+
+    async def _send_inflight(
+        self, request: web.BaseRequest, fetch: BlobFetch, ex: Exchange
+    ) -> web.StreamResponse:
+        byte_range: tuple[int, int] | None = None
+        if fetch.size is not None:
+            parsed = parse_range(request.headers.get("Range"), fetch.size)
+            if parsed is False:
+                return error_response(
+                    416,
+                    "RANGE_INVALID",
+                    f"range not satisfiable for {fetch.size} bytes",
+                    ex.result,
+                    headers={"Content-Range": f"bytes */{fetch.size}"},
+                )
+            byte_range = parsed or None
+        reader = fetch.open_reader(self.store)
+        self.maintenance.pin(fetch.digest)
+        try:
+            response, ex.sent = await stream_blob(
+                request,
+                reader,
+                headers=self._blob_headers(fetch.digest, ex.result),
+                size=fetch.size,
+                byte_range=byte_range,
+                executor=self.executor,
+                available=fetch.wait_beyond,
+                on_prepared=ex.prepared,
+            )
+        finally:
+            reader.close()
+            self.maintenance.unpin(fetch.digest)
+        self.metrics.bytes.labels("upstream").inc(ex.sent)
+        return response
+
+    async def _fetch_blob(
+        self, fetch: BlobFetch, origin: Origin, name: str, client_headers: Mapping[str, str]
+    ) -> None:
+        """Downloads one blob into the store, feeding every reader as bytes arrive."""
+        loop = asyncio.get_running_loop()
+        headers = {
+            k: v for k, v in client_headers.items() if k.lower() in ("authorization", "user-agent")
+        }
+        path = f"/v2/{name}/blobs/{fetch.digest}"
+        writer = None
+        try:
+            upstream = await self.upstream.request(
+                "GET", origin, path, headers, follow_redirects=True
+            )
+        except UPSTREAM_ERRORS as e:
+            self.metrics.upstream_errors.inc()
+            fetch.fail(f"upstream {origin.netloc} cannot be reached: {describe(e)}")
+            self.inflight.release(fetch)
+            return
+        try:
+            if upstream.status != 200:
+                body = await upstream.content.read(64 << 10)
+                fetch.refusal = Refusal(upstream.status, _relayable(upstream.headers), body)
+                self.inflight.release(fetch)
+                fetch.refuse()
+                return
+            if upstream.content_length:
+                self.maintenance.make_room(upstream.content_length, self.inflight)
+            writer = self.store.begin_write(fetch.digest)
+            fetch.begin(writer, upstream.content_length)
+            stream = upstream.content
+            while True:
+                data = await stream.readany()
+                if not data:
+                    break
+                batch = bytearray(data)
+                while len(batch) < CHUNK:
+                    more = stream.read_nowait(CHUNK - len(batch))
+                    if not more:
+                        break
+                    batch += more
+                await loop.run_in_executor(self.executor, writer.write, bytes(batch))
+                fetch.progressed()
+            size = await loop.run_in_executor(self.executor, writer.commit, upstream.content_length)
+            self.index.add_blob(fetch.digest, size)
+            self.inflight.release(fetch)
+            fetch.finish()
+            self.maintenance.stored(fetch.digest, size)
+        except DigestMismatch as e:
+            self.metrics.upstream_errors.inc()
+            log.error("refusing blob %s from %s: %s", fetch.digest, origin.netloc, e)
+            fetch.fail(str(e))
+        except (*UPSTREAM_ERRORS, aiohttp.ClientPayloadError) as e:
+            self.metrics.upstream_errors.inc()
+            if writer is not None:
+                writer.abort()
+            log.warning("fetching %s from %s failed: %s", fetch.digest, origin.netloc, describe(e))
+            fetch.fail(f"download from {origin.netloc} broke: {describe(e)}")
+        finally:
+            self.inflight.release(fetch)
+            upstream.release()
+
+    # --- background tasks ---------------------------------------------------------------
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Runs work that must outlive the request that started it (a shared download)."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _relayable(headers: Mapping[str, str]) -> dict[str, str]:
+    keep = ("content-type", "www-authenticate", "docker-distribution-api-version")
+    return {k: v for k, v in headers.items() if k.lower() in keep}

@@ -1,0 +1,139 @@
+"""Building responses: registry-style errors, relayed upstream answers, stored bytes.
+
+Every response carries `X-Registry-Cache` with HIT, MISS, STALE or PASS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .blobs import BlobReader
+from .upstream import forwardable
+
+CACHE_HEADER = "X-Registry-Cache"
+CHUNK = 1 << 20  # 1 MiB writes: measured several times faster over TLS than small ones
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    result: str = "PASS",
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = json.dumps({"errors": [{"code": code, "message": message}]})
+    return web.Response(
+        status=status,
+        text=body,
+        content_type="application/json",
+        headers={CACHE_HEADER: result, **API_VERSION, **(headers or {})},
+    )
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | bool | None:
+    """(start, end exclusive) for one satisfiable byte range, None for none or several
+    (the whole body is sent), False when unsatisfiable (416)."""
+    if not header:
+        return None
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    if not m.group(1):  # suffix range: the last N bytes
+        n = int(m.group(2))
+        return (max(size - n, 0), size) if n > 0 and size > 0 else False
+    start = int(m.group(1))
+    end = min(int(m.group(2)) + 1, size) if m.group(2) else size
+    if start >= size or end <= start:
+        return False
+    return start, end
+
+
+OnPrepared = Callable[[web.StreamResponse], None]
+
+
+async def relay(
+    request: web.BaseRequest,
+    upstream: aiohttp.ClientResponse,
+    result: str,
+    on_prepared: OnPrepared | None = None,
+) -> tuple[web.StreamResponse, int]:
+    """Streams an upstream answer to the client unchanged; returns it and the bytes sent."""
+    headers = forwardable(upstream.headers)
+    headers[CACHE_HEADER] = result
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    length = upstream.headers.get("Content-Length")
+    if length is not None and length.isdigit():
+        response.content_length = int(length)
+    await response.prepare(request)
+    if on_prepared:
+        on_prepared(response)
+    sent = 0
+    if request.method != "HEAD":
+        async for data in upstream.content.iter_chunked(CHUNK):
+            await response.write(data)
+            sent += len(data)
+    await response.write_eof()
+    return response, sent
+
+
+ReadMore = Callable[[int], Awaitable[int]]
+
+
+async def stream_blob(
+    request: web.BaseRequest,
+    reader: BlobReader,
+    *,
+    headers: dict[str, Any],
+    size: int | None,
+    byte_range: tuple[int, int] | None,
+    executor: Executor,
+    available: ReadMore | None = None,
+    on_prepared: OnPrepared | None = None,
+) -> tuple[web.StreamResponse, int]:
+    """Sends a blob (or one range of it) from a reader.
+
+    `available(offset)` is given for a blob still being fetched: it waits until bytes
+    past `offset` may be read and returns how many may, or raises when the fetch failed,
+    which cuts the connection so the client never takes a truncated blob for a whole one.
+    """
+    start, end = byte_range if byte_range else (0, size)
+    status = 206 if byte_range else 200
+    response = web.StreamResponse(status=status, headers=headers)
+    response.headers["Accept-Ranges"] = "bytes"
+    if byte_range and size is not None:
+        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    if end is not None:
+        response.content_length = end - start
+    await response.prepare(request)
+    if on_prepared:
+        on_prepared(response)
+    if request.method == "HEAD":
+        await response.write_eof()
+        return response, 0
+    loop = asyncio.get_running_loop()
+    offset = start
+    while end is None or offset < end:
+        limit = await available(offset) if available else end
+        if limit is None:
+            break
+        if end is not None:
+            limit = min(limit, end)
+        if limit <= offset:
+            break  # a blob of unknown size ended
+        n = min(CHUNK, limit - offset)
+        data = await loop.run_in_executor(executor, reader.pread, n, offset)
+        if not data:
+            raise OSError(f"blob file ended at {offset} of {limit} bytes")
+        await response.write(data)
+        offset += len(data)
+    await response.write_eof()
+    return response, offset - start

@@ -1,0 +1,511 @@
+"""The listener: client admission, CONNECT, TLS interception and the proxy's own pages.
+
+Each client connection starts with a protocol of our own that reads the first request
+head. A CONNECT is answered here: the connection is then either tunnelled as bytes
+(`passthrough` hosts) or TLS is terminated with a leaf for the host and an aiohttp
+HTTP/1.1 handler is attached to the TLS transport. Any other request is handed, with
+the bytes read so far, to aiohttp: origin-form requests are the proxy's own pages,
+absolute-form ones are proxied for plain-HTTP registries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import functools
+import ipaddress
+import json
+import logging
+import re
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from yarl import URL
+
+from . import __version__
+from .ca import CertificateAuthority
+from .config import Config, ProxyUser
+from .exchange import Exchange
+from .metrics import CONTENT_TYPE, Metrics
+from .proxy_auth import ProxyAuthenticator
+from .registry import RegistryProxy
+from .responses import CACHE_HEADER
+from .upstream import Origin
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD = 16 << 10  # a CONNECT head is a few hundred bytes; this bounds a hostile one
+HEAD_TIMEOUT = 30.0  # seconds for a new connection to send its first request head
+TLS_HANDSHAKE_TIMEOUT = 30.0
+KEEPALIVE_TIMEOUT = 75.0
+_CONNECT_TARGET = re.compile(
+    r"(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?))"
+    r":(?P<port>[0-9]{1,5})"
+)
+_STATUS_TEXT = {
+    400: "Bad Request",
+    403: "Forbidden",
+    407: "Proxy Authentication Required",
+    431: "Request Header Fields Too Large",
+    502: "Bad Gateway",
+    408: "Request Timeout",
+}
+
+
+def _raw_response(status: int, message: str, extra: str = "") -> bytes:
+    body = (message + "\n").encode()
+    return (
+        f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}\r\n"
+        f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+        f"{CACHE_HEADER}: PASS\r\nConnection: close\r\n{extra}\r\n"
+    ).encode() + body
+
+
+def _parse_head(head: bytes) -> tuple[list[str], dict[str, str]] | None:
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError:
+        return None
+    lines = text.split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            return None
+        headers[name.strip().lower()] = value.strip()
+    return lines[0].split(" "), headers
+
+
+def _host_matches(globs: tuple[str, ...], host: str, port: int) -> bool:
+    for glob in globs:
+        target = (
+            f"{host}:{port}" if re.search(r":[0-9*?]+$", glob) and not glob.endswith("]") else host
+        )
+        if fnmatch.fnmatchcase(target, glob):
+            return True
+    return False
+
+
+class _Pipe(asyncio.Protocol):
+    """One direction of a byte tunnel, with flow control towards the other side."""
+
+    def __init__(self, peer: asyncio.Transport | None = None) -> None:
+        self.peer = peer
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is not None:
+            self.peer.write(data)
+
+    def eof_received(self) -> bool:
+        if self.peer is not None and self.peer.can_write_eof():
+            self.peer.write_eof()
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None:
+            self.peer.close()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.resume_reading()
+
+
+class _Holding(asyncio.Protocol):
+    """Stands in while TLS is set up: bytes that arrive before the HTTP handler is
+    attached (a client's request right behind its handshake) are kept, not lost."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.eof = False
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return False
+
+    def hand_over(self, transport: asyncio.Transport, protocol: asyncio.Protocol) -> None:
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.data:
+            protocol.data_received(bytes(self.data))
+        if self.eof:
+            protocol.eof_received()
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.client = "-"
+        self.buffer = bytearray()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client = str(peer[0]) if peer else "-"
+        if not self.server.client_allowed(self.client):
+            log.warning("refused client %s: not in allowed_clients", self.client)
+            self._refuse(403, f"client {self.client} is not in this cache's allowed_clients")
+            return
+        self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self._head_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _head_timeout(self) -> None:
+        self._refuse(408, "no complete request head within 30 seconds")
+
+    def _refuse(self, status: int, message: str, extra: str = "") -> None:
+        self._cancel_timer()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_raw_response(status, message, extra))
+            self.transport.close()
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buffer) > MAX_HEAD:
+                self._refuse(431, f"request head larger than {MAX_HEAD} bytes")
+            return
+        self._cancel_timer()
+        if self.buffer.startswith(b"CONNECT "):
+            parsed = _parse_head(bytes(self.buffer[:end]))
+            rest = bytes(self.buffer[end + 4 :])
+            transport = self.transport
+            transport.pause_reading()
+            self.transport = None  # from here on the connection belongs to the CONNECT task
+            self.server.spawn(self.server.connect(transport, self.client, parsed, rest))
+            return
+        # Anything else is HTTP for aiohttp, which gets the bytes read so far.
+        transport, self.transport = self.transport, None
+        handler = self.server.plain_http()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        handler.data_received(bytes(self.buffer))
+        self.buffer.clear()
+
+
+class ProxyServer:
+    def __init__(
+        self,
+        config: Config,
+        ca: CertificateAuthority,
+        registry: RegistryProxy,
+        metrics: Metrics,
+        health: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
+    ) -> None:
+        self.config = config
+        self.ca = ca
+        self.registry = registry
+        self.metrics = metrics
+        self.health = health
+        self.auth = ProxyAuthenticator(config.users)
+        self._servers: list[asyncio.AbstractServer] = []
+        self._plain: web.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._plain = web.Server(
+            self._handle_plain, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT
+        )
+        for address in self.config.listen:
+            try:
+                server = await loop.create_server(
+                    lambda: ClientConnection(self),
+                    address.host,
+                    address.port,
+                    reuse_address=True,
+                    backlog=1024,
+                )
+            except OSError as e:
+                if self.config.listen_is_default and ":" in address.host:
+                    log.warning("not listening on %s: %s (no IPv6 here?)", address, e.strerror)
+                    continue
+                raise OSError(e.errno, f"cannot listen on {address}: {e.strerror}") from e
+            self._servers.append(server)
+            log.info("listening on %s", address)
+
+    @property
+    def ports(self) -> list[int]:
+        return [s.sockets[0].getsockname()[1] for s in self._servers if s.sockets]
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._plain is not None:
+            await self._plain.shutdown(timeout=5)
+
+    def spawn(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- policy -------------------------------------------------------------------------
+
+    def client_allowed(self, client: str) -> bool:
+        try:
+            address = ipaddress.ip_address(client.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.config.allowed_clients)
+
+    def disposition(self, host: str, port: int) -> str | None:
+        """'passthrough', 'intercept', or None when neither list admits host:port."""
+        if _host_matches(self.config.passthrough, host, port):
+            return "passthrough"
+        if _host_matches(self.config.intercept, host, port):
+            return "intercept"
+        return None
+
+    def proxy_user(self, header: str | None) -> tuple[bool, ProxyUser | None]:
+        if not self.auth.enabled:
+            return True, None
+        user = self.auth.authenticate(header)
+        return user is not None, user
+
+    # --- CONNECT ------------------------------------------------------------------------
+
+    async def connect(
+        self,
+        transport: asyncio.Transport,
+        client: str,
+        parsed: tuple[list[str], dict[str, str]] | None,
+        rest: bytes,
+    ) -> None:
+        try:
+            await self._connect(transport, client, parsed, rest)
+        except (ConnectionError, OSError, ssl.SSLError, TimeoutError) as e:
+            log.info("CONNECT from %s ended: %s", client, e)
+            transport.abort()
+
+    async def _connect(
+        self,
+        transport: asyncio.Transport,
+        client: str,
+        parsed: tuple[list[str], dict[str, str]] | None,
+        rest: bytes,
+    ) -> None:
+        def refuse(status: int, message: str, extra: str = "") -> None:
+            log.info("CONNECT from %s refused (%d): %s", client, status, message)
+            self.metrics.requests.labels("connect", "DENIED").inc()
+            transport.write(_raw_response(status, message, extra))
+            transport.close()
+
+        if parsed is None or len(parsed[0]) != 3 or not parsed[0][2].startswith("HTTP/1."):
+            return refuse(
+                400, "malformed CONNECT request line; expected CONNECT host:port HTTP/1.1"
+            )
+        target, headers = parsed[0][1], parsed[1]
+        m = _CONNECT_TARGET.fullmatch(target)
+        port = int(m.group("port")) if m else 0
+        if m is None or not 0 < port < 65536:
+            return refuse(400, f"CONNECT target {target[:100]!r} is not host:port")
+        host = (m.group("v6") or m.group("host")).lower()
+        if m.group("v6"):
+            try:
+                host = str(ipaddress.IPv6Address(host))
+            except ValueError:
+                return refuse(400, f"CONNECT target {target[:100]!r} has an invalid IPv6 address")
+        ok, user = self.proxy_user(headers.get("proxy-authorization"))
+        if not ok:
+            return refuse(
+                407,
+                "proxy authentication required: give a user and password in the proxy URL",
+                'Proxy-Authenticate: Basic realm="registry-cache"\r\n',
+            )
+        if port not in self.config.allowed_ports:
+            return refuse(403, f"CONNECT to port {port} is not allowed (allowed_ports)")
+        disposition = self.disposition(host, port)
+        if disposition is None:
+            return refuse(403, f"{host}:{port} is neither in intercept nor in passthrough")
+        loop = asyncio.get_running_loop()
+        if disposition == "passthrough":
+            try:
+                upstream, _ = await asyncio.wait_for(
+                    loop.create_connection(lambda: _Pipe(transport), host, port), timeout=30
+                )
+            except (OSError, TimeoutError) as e:
+                return refuse(502, f"cannot reach {host}:{port}: {e}")
+            transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            if rest:
+                upstream.write(rest)
+            transport.set_protocol(_Pipe(upstream))  # type: ignore[arg-type]
+            transport.resume_reading()
+            self.metrics.requests.labels("tunnel", "PASS").inc()
+            log.info("%s tunnel %s:%d", client, host, port)
+            return None
+        if rest:
+            return refuse(400, "data sent before the CONNECT was answered; wait for the 200")
+        transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        holding = _Holding()
+        try:
+            tls = await loop.start_tls(
+                transport,
+                holding,
+                self.ca.server_context(host),
+                server_side=True,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+            )
+        except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as e:
+            # A client that does not trust the CA fails here: say so plainly in the log.
+            log.warning(
+                "TLS handshake with %s for %s failed: %s (does it trust the CA?)", client, host, e
+            )
+            transport.abort()
+            return None
+        if tls is None:
+            transport.abort()
+            return None
+        origin = Origin("https", host, port)
+        handler_server = web.Server(
+            functools.partial(self._handle_intercepted, origin, client, user),
+            access_log=None,
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
+        )
+        holding.hand_over(tls, handler_server())
+        return None
+
+    async def _handle_intercepted(
+        self, origin: Origin, client: str, user: ProxyUser | None, request: web.BaseRequest
+    ) -> web.StreamResponse:
+        ex = Exchange(
+            client,
+            request.method,
+            origin.netloc,
+            request.raw_path,
+            user=user.name if user else None,
+        )
+        try:
+            return await self.registry.handle(request, origin, ex, user)
+        finally:
+            ex.log(self.config.log_format)
+
+    # --- plain HTTP: the proxy's pages and absolute-form proxying ------------------------
+
+    def plain_http(self) -> asyncio.Protocol:
+        assert self._plain is not None
+        return self._plain()  # type: ignore[return-value]
+
+    async def _handle_plain(self, request: web.BaseRequest) -> web.StreamResponse:
+        client = request.remote or "-"
+        target = request.raw_path
+        if target.startswith("/"):
+            return await self._own_page(request)
+        if request.method == "CONNECT":
+            return web.Response(
+                status=400,
+                text="CONNECT must be the first request on a connection\n",
+                headers={CACHE_HEADER: "PASS"},
+            )
+        ok, user = self.proxy_user(request.headers.get("Proxy-Authorization"))
+        if not ok:
+            return web.Response(
+                status=407,
+                text="proxy authentication required\n",
+                headers={
+                    "Proxy-Authenticate": 'Basic realm="registry-cache"',
+                    CACHE_HEADER: "PASS",
+                },
+            )
+        try:
+            url = URL(target, encoded=True)
+        except ValueError:
+            url = URL()
+        if url.scheme != "http" or not url.host:
+            return web.Response(
+                status=400,
+                text="absolute-form requests must be http://host/path\n",
+                headers={CACHE_HEADER: "PASS"},
+            )
+        host, port = url.host.lower(), url.explicit_port or 80
+        if port != 80 and port not in self.config.allowed_ports:
+            return web.Response(
+                status=403,
+                text=f"port {port} is not allowed (allowed_ports)\n",
+                headers={CACHE_HEADER: "PASS"},
+            )
+        if self.disposition(host, port) is None:
+            return web.Response(
+                status=403,
+                text=f"{host}:{port} is not in intercept\n",
+                headers={CACHE_HEADER: "PASS"},
+            )
+        path = url.raw_path_qs or "/"
+        origin = Origin("http", host, port)
+        ex = Exchange(client, request.method, origin.netloc, path, user=user.name if user else None)
+        try:
+            return await self.registry.handle(request, origin, ex, user)
+        finally:
+            ex.log(self.config.log_format)
+
+    async def _own_page(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        headers = {CACHE_HEADER: "PASS"}
+        if request.method not in ("GET", "HEAD"):
+            return web.Response(
+                status=405, text="only GET here\n", headers={**headers, "Allow": "GET, HEAD"}
+            )
+        if path == "/ca.crt":
+            return web.Response(
+                body=self.ca.cert_pem,
+                content_type="application/x-pem-file",
+                headers={
+                    **headers,
+                    "Content-Disposition": 'attachment; filename="registry-cache-ca.crt"',
+                },
+            )
+        if path == "/healthz":
+            healthy, details = await self.health()
+            return web.Response(
+                status=200 if healthy else 503,
+                text=json.dumps(details),
+                content_type="application/json",
+                headers=headers,
+            )
+        if path == "/metrics":
+            return web.Response(
+                body=self.metrics.render(), headers={**headers, "Content-Type": CONTENT_TYPE}
+            )
+        if path == "/":
+            return web.Response(
+                text=f"registry-cache {__version__}: a caching proxy for container registries; "
+                "set HTTPS_PROXY to this address and trust /ca.crt\n",
+                headers=headers,
+            )
+        return web.Response(
+            status=404,
+            text="not found: this proxy serves /, /ca.crt, /healthz, /metrics\n",
+            headers=headers,
+        )

@@ -1,0 +1,137 @@
+"""Keeping the store within its promises: start-up reconciliation, the size bound
+(least recently used first), expiry of entries unused for `inactive`, and pins that keep
+a blob in place while a client reads it."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+
+from .blobs import FilesystemBlobStore
+from .config import Config
+from .index import Index
+from .inflight import InflightFetches
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+VERIFY_CHUNK = 4 << 20
+
+
+def file_digest(store: FilesystemBlobStore, digest: str) -> str:
+    h = hashlib.sha256()
+    with store.path(digest).open("rb") as f:
+        while chunk := f.read(VERIFY_CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+class StoreMaintenance:
+    def __init__(
+        self, config: Config, store: FilesystemBlobStore, index: Index, metrics: Metrics
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.index = index
+        self.metrics = metrics
+        self.size = 0
+        self._pins: Counter[str] = Counter()
+
+    # --- start-up -----------------------------------------------------------------------
+
+    def reconcile(self, index_rebuilt: bool) -> None:
+        """Brings index and store into agreement after a stop, a crash or a lost index."""
+        started = time.monotonic()
+        removed_tmp = self.store.empty_tmp()
+        indexed = self.index.all_digests()
+        on_disk = dict(self.store.list())
+        dropped = indexed - on_disk.keys()
+        for digest in dropped:
+            self.index.remove_blob(digest)
+        adopted = deleted = 0
+        for digest in on_disk.keys() - indexed:
+            # A file the index does not know: verified before it may be served again.
+            if file_digest(self.store, digest) == digest:
+                self.index.add_blob(digest, on_disk[digest])
+                adopted += 1
+            else:
+                self.store.delete(digest)
+                deleted += 1
+        self.size = self.index.total_size()
+        self._publish()
+        log.info(
+            "store reconciled in %.2fs: %d blobs, %d bytes; %d temp files removed, %d index "
+            "entries without file dropped, %d files re-indexed, %d corrupt files deleted%s",
+            time.monotonic() - started,
+            len(on_disk) - deleted,
+            self.size,
+            removed_tmp,
+            len(dropped),
+            adopted,
+            deleted,
+            " (index rebuilt)" if index_rebuilt else "",
+        )
+        self.make_room(0)
+
+    # --- pins ---------------------------------------------------------------------------
+
+    def pin(self, digest: str) -> None:
+        self._pins[digest] += 1
+
+    def unpin(self, digest: str) -> None:
+        self._pins[digest] -= 1
+        if self._pins[digest] <= 0:
+            del self._pins[digest]
+
+    # --- the size bound -----------------------------------------------------------------
+
+    def stored(self, digest: str, size: int) -> None:
+        self.size += size
+        self.make_room(0)
+
+    def make_room(self, incoming: int, inflight: InflightFetches | None = None) -> bool:
+        """Evicts least recently used blobs until `incoming` more bytes fit in max_size.
+        Returns False when pinned blobs alone leave no room."""
+        self.index.flush_access()
+        while self.size + incoming > self.config.max_size:
+            victims = [
+                e
+                for e in self.index.least_recently_used(256)
+                if e.digest not in self._pins and not (inflight and inflight.get(e.digest))
+            ]
+            if not victims:
+                self._publish()
+                return False
+            for entry in victims:
+                self._evict(entry.digest, entry.size)
+                if self.size + incoming <= self.config.max_size:
+                    break
+        self._publish()
+        return True
+
+    def expire_inactive(self, inflight: InflightFetches | None = None) -> int:
+        cutoff = time.time() - self.config.inactive
+        expired = 0
+        for entry in self.index.least_recently_used(1000):
+            if entry.last_access >= cutoff:
+                break
+            if entry.digest in self._pins or (inflight and inflight.get(entry.digest)):
+                continue
+            self._evict(entry.digest, entry.size)
+            expired += 1
+        if expired:
+            log.info("removed %d blobs unused for %ds", expired, self.config.inactive)
+            self._publish()
+        return expired
+
+    def _evict(self, digest: str, size: int) -> None:
+        self.store.delete(digest)
+        self.index.remove_blob(digest)
+        self.size -= size
+        self.metrics.evictions.inc()
+        log.info("evicted %s (%d bytes)", digest, size)
+
+    def _publish(self) -> None:
+        self.metrics.size.set(self.size)

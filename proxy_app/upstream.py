@@ -1,0 +1,157 @@
+"""Requests to upstream registries: one client session, credentials, redirects.
+
+The client's own `Authorization` goes upstream unchanged. When it sends none and
+`auth_registries` names the request's host, Basic credentials are added; for Docker
+Hub that host is the token realm `auth.docker.io`, so the credentials travel only to
+the token endpoint, never to the registry or to a CDN. Redirects (blob storage on a CDN
+or S3) are followed here for cached content, without the registry's Authorization.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from .config import Config, Credentials
+
+log = logging.getLogger(__name__)
+
+# Headers that describe one connection, not the message; never forwarded either way.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    }
+)
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a client's request is really going: scheme, host and port of a registry."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+    def url(self, path_and_query: str) -> URL:
+        return URL(f"{self.scheme}://{self.netloc}{path_and_query}", encoded=True)
+
+
+def forwardable(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    """Request or response headers minus the hop-by-hop ones (and their Connection list)."""
+    listed = {h.strip().lower() for h in headers.get("Connection", "").split(",") if h.strip()}
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in headers.items():
+        lower = key.lower()
+        if lower not in HOP_BY_HOP and lower not in listed:
+            out.add(key, value)
+    return out
+
+
+class Upstream:
+    def __init__(self, config: Config) -> None:
+        self._credentials: Mapping[str, Credentials] = config.auth_registries
+        self._proxy = config.upstream_proxy
+        ctx = ssl.create_default_context()
+        if config.upstream_ca_bundle is not None:
+            ctx.load_verify_locations(cafile=str(config.upstream_ca_bundle))
+        self._ssl = ctx
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            ssl=self._ssl, limit=0, limit_per_host=64, ttl_dns_cache=60, enable_cleanup_closed=True
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,  # bytes pass through exactly as the registry sent them
+            trust_env=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None, connect=30, sock_connect=30, sock_read=120),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Upstream.start() was not awaited"
+        return self._session
+
+    def credentials_for(self, origin: Origin) -> Credentials | None:
+        host = origin.host.lower()
+        return self._credentials.get(f"{host}:{origin.port}") or self._credentials.get(host)
+
+    def request_headers(
+        self, origin: Origin, client_headers: Mapping[str, str]
+    ) -> CIMultiDict[str]:
+        headers = forwardable(client_headers)
+        if "Authorization" not in headers:
+            creds = self.credentials_for(origin)
+            if creds is not None:
+                token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+                headers["Authorization"] = f"Basic {token}"
+        return headers
+
+    async def request(
+        self,
+        method: str,
+        origin: Origin,
+        path_and_query: str,
+        client_headers: Mapping[str, str],
+        *,
+        data: Any = None,
+        follow_redirects: bool = False,
+    ) -> aiohttp.ClientResponse:
+        """Sends a request upstream; the caller must release the response."""
+        headers = self.request_headers(origin, client_headers)
+        url = origin.url(path_and_query)
+        for _ in range(MAX_REDIRECTS + 1):
+            response = await self.session.request(
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                proxy=self._proxy,
+            )
+            location = response.headers.get("Location")
+            if not (follow_redirects and response.status in REDIRECT_STATUSES and location):
+                return response
+            response.release()
+            target = url.join(URL(location, encoded=True))
+            if target.origin() != url.origin():
+                # The registry's credentials are for the registry; a CDN or S3 URL carries
+                # its own signature and must not see them.
+                headers = CIMultiDict((k, v) for k, v in headers.items() if k != "Authorization")
+            if response.status == 303:
+                method = "GET"
+            url = target
+        raise aiohttp.TooManyRedirects(response.request_info, response.history)
