@@ -1,0 +1,235 @@
+"""`make config` writes an inventory that Ansible reads back with the given values.
+
+Each test runs `make config` in a scratch copy of the repository (a git repository of
+its own, so that `git check-ignore` answers for the copy's .gitignore) with the
+project's venv, and reads the result with `ansible-inventory --list`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+SECRETS = Path("inventory/group_vars/all/secrets.yml")
+# Every question make config asks, in order; an answer for each, for the interactive run.
+QUESTION_ORDER = [
+    "REGISTRY_CACHE_HOST",
+    "REGISTRY_CACHE_ADDRESS",
+    "REGISTRY_CACHE_CLIENTS",
+    "REGISTRY_CACHE_PORT",
+    "REGISTRY_CACHE_DIR",
+    "REGISTRY_CACHE_MAX_SIZE",
+    "REGISTRY_CACHE_INACTIVE",
+    "REGISTRY_CACHE_TAG_TTL",
+    "REGISTRY_CACHE_ALLOWED_CLIENTS",
+    "REGISTRY_CACHE_ALLOW_PUSH",
+    "REGISTRY_CACHE_UPSTREAM_PROXY",
+    "DOCKER_CLIENTS_SERIAL",
+    "DOCKER_CLIENT_CA_SOURCE",
+    "REGISTRY_CACHE_AUTH_REGISTRIES",
+]
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A copy of the files make config needs, as a git repository of its own."""
+    root = tmp_path / "repo"
+    tracked = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "--", "Makefile", "pyproject.toml",
+         ".gitignore", "ansible.cfg", "scripts", "proxy_app", "inventory"],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    assert "scripts/configure.py" in tracked
+    for rel in tracked:
+        src = REPO / rel
+        if src.is_file():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / rel)
+    # The project's venv, which `make config` uses (`make -o` keeps make from rebuilding it).
+    (root / ".venv").symlink_to(VENV_BIN.parent)
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    return root
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("REGISTRY_CACHE_", "DOCKER_CLIENT", "ANSIBLE_"))
+    }
+    env.update(values)
+    return env
+
+
+def make_config(root: Path, env: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["make", "-s", "-C", str(root), "-o", ".venv/bin/registry-cache", "config"],
+        input=stdin, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def inventory(root: Path, *extra: str) -> dict:
+    out = subprocess.run(
+        [str(VENV_BIN / "ansible-inventory"), "-i", str(root / "inventory"), "--list", *extra],
+        cwd=root, env=clean_env(), check=True, capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    return json.loads(out)
+
+
+def assert_secret_file_private(root: Path) -> None:
+    path = root / SECRETS
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(SECRETS)], cwd=root)
+    assert ignored.returncode == 0, f"{SECRETS} is not git-ignored"
+
+
+FULL_ENV = {
+    "REGISTRY_CACHE_HOST": "cache1.example.net",
+    "REGISTRY_CACHE_ADDRESS": "10.1.2.3",
+    "REGISTRY_CACHE_CLIENTS": "docker1 docker2 docker3",
+    "REGISTRY_CACHE_PORT": "3130",
+    "REGISTRY_CACHE_DIR": "/srv/registry-cache",
+    "REGISTRY_CACHE_MAX_SIZE": "200g",
+    "REGISTRY_CACHE_INACTIVE": "30d",
+    "REGISTRY_CACHE_TAG_TTL": "10m",
+    "REGISTRY_CACHE_ALLOWED_CLIENTS": "10.0.0.0/8 192.168.7.0/24",
+    "REGISTRY_CACHE_ALLOW_PUSH": "no",
+    "REGISTRY_CACHE_UPSTREAM_PROXY": "none",
+    "DOCKER_CLIENTS_SERIAL": "2",
+    "DOCKER_CLIENT_CA_SOURCE": "url",
+    "REGISTRY_CACHE_AUTH_REGISTRIES": "auth.docker.io:hubuser:s3cr:et ghcr.io:me:ghp_tok",
+}
+
+
+def test_non_interactive_from_environment(checkout: Path) -> None:
+    result = make_config(checkout, clean_env(**FULL_ENV))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Nothing was asked, and no password was printed.
+    assert "end of input" not in result.stdout
+    assert "s3cr:et" not in result.stdout + result.stderr
+    assert "ghp_tok" not in result.stdout + result.stderr
+
+    inv = inventory(checkout)
+    assert inv["registry_cache"]["hosts"] == ["cache1.example.net"]
+    assert inv["docker_clients"]["hosts"] == ["docker1", "docker2", "docker3"]
+    cache = inv["_meta"]["hostvars"]["cache1.example.net"]
+    assert cache["registry_cache_address"] == "10.1.2.3"
+    assert cache["registry_cache_port"] == 3130
+    assert cache["registry_cache_dir"] == "/srv/registry-cache"
+    assert cache["registry_cache_max_size"] == "200g"
+    assert cache["registry_cache_inactive"] == "30d"
+    assert cache["registry_cache_tag_ttl"] == "10m"
+    assert cache["registry_cache_allowed_clients"] == ["10.0.0.0/8", "192.168.7.0/24"]
+    assert cache["registry_cache_allow_push"] is False
+    assert cache["registry_cache_upstream_proxy"] == ""
+    assert cache["registry_cache_auth_registries"] == FULL_ENV["REGISTRY_CACHE_AUTH_REGISTRIES"]
+    client = inv["_meta"]["hostvars"]["docker2"]
+    assert client["docker_clients_serial"] == 2
+    assert client["docker_client_ca_source"] == "url"
+    assert "registry_cache_address" not in client
+
+    assert_secret_file_private(checkout)
+    # Only the secrets file holds the passwords.
+    for path in (checkout / "inventory").rglob("*.yml"):
+        if path != checkout / SECRETS:
+            assert "s3cr:et" not in path.read_text(), path
+
+
+def test_interactive_answers_with_a_bad_one_asked_again(checkout: Path) -> None:
+    answers = {
+        "REGISTRY_CACHE_HOST": "cachebox",
+        "REGISTRY_CACHE_ADDRESS": "",  # default: the host
+        "REGISTRY_CACHE_CLIENTS": "web1 web2",
+        "REGISTRY_CACHE_PORT": "3128",
+        "REGISTRY_CACHE_DIR": "",
+        "REGISTRY_CACHE_MAX_SIZE": "64g",
+        "REGISTRY_CACHE_INACTIVE": "",
+        "REGISTRY_CACHE_TAG_TTL": "",
+        "REGISTRY_CACHE_ALLOWED_CLIENTS": "172.20.0.0/16",
+        "REGISTRY_CACHE_ALLOW_PUSH": "",
+        "REGISTRY_CACHE_UPSTREAM_PROXY": "",
+        "DOCKER_CLIENTS_SERIAL": "",
+        "DOCKER_CLIENT_CA_SOURCE": "",
+        # a malformed entry (no password) first, then a good one
+        "REGISTRY_CACHE_AUTH_REGISTRIES": "quay.io:robot\nquay.io:robot:pa55word",
+    }
+    stdin = "".join(answers[q] + "\n" for q in QUESTION_ORDER)
+    result = make_config(checkout, clean_env(), stdin)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The bad auth entry was rejected with its reason and asked once more.
+    assert result.stdout.count("not accepted") == 1
+    assert "is not host:username:password" in result.stdout
+    assert result.stdout.count("REGISTRY_CACHE_AUTH_REGISTRIES [") == 2
+    assert "end of input" not in result.stdout
+    assert "pa55word" not in result.stdout
+
+    inv = inventory(checkout)
+    assert inv["registry_cache"]["hosts"] == ["cachebox"]
+    assert inv["docker_clients"]["hosts"] == ["web1", "web2"]
+    cache = inv["_meta"]["hostvars"]["cachebox"]
+    assert "registry_cache_address" not in cache
+    assert cache["registry_cache_max_size"] == "64g"
+    assert cache["registry_cache_dir"] == "/var/lib/registry-cache"
+    assert cache["registry_cache_allowed_clients"] == ["172.20.0.0/16"]
+    assert cache["registry_cache_auth_registries"] == "quay.io:robot:pa55word"
+    assert cache["docker_clients_serial"] == "25%"
+    assert_secret_file_private(checkout)
+
+    # A second run with empty answers keeps every earlier answer as its default.
+    before = inventory(checkout)
+    again = make_config(checkout, clean_env(), "\n" * len(QUESTION_ORDER))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "[64g]" in again.stdout and "[web1 web2]" in again.stdout
+    assert "pa55word" not in again.stdout
+    assert inventory(checkout) == before
+
+
+def test_bad_size_is_asked_again(checkout: Path) -> None:
+    env = {k: v for k, v in FULL_ENV.items() if k != "REGISTRY_CACHE_MAX_SIZE"}
+    result = make_config(checkout, clean_env(**env), "lots\n12x\n500m\n")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("not accepted") == 2
+    assert "'lots' is not a size" in result.stdout
+    inv = inventory(checkout)
+    assert inv["_meta"]["hostvars"]["cache1.example.net"]["registry_cache_max_size"] == "500m"
+
+
+def test_invalid_environment_value_stops_with_the_reason(checkout: Path) -> None:
+    env = dict(FULL_ENV, REGISTRY_CACHE_AUTH_REGISTRIES="ghcr.io:nopassword")
+    result = make_config(checkout, clean_env(**env))
+    assert result.returncode != 0
+    assert "REGISTRY_CACHE_AUTH_REGISTRIES" in result.stderr
+    assert "host:username:password" in result.stderr
+    assert not (checkout / SECRETS).exists()
+
+
+def test_vault_encrypted_secrets(checkout: Path, tmp_path: Path) -> None:
+    password_file = tmp_path / "vault-pass"
+    password_file.write_text("correct horse battery staple\n")
+    password_file.chmod(0o600)
+    env = clean_env(**FULL_ENV, REGISTRY_CACHE_VAULT_PASSWORD_FILE=str(password_file))
+    result = make_config(checkout, env)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    raw = (checkout / SECRETS).read_text()
+    assert raw.startswith("$ANSIBLE_VAULT;")
+    assert "ghp_tok" not in raw
+    assert_secret_file_private(checkout)
+    inv = inventory(checkout, "--vault-password-file", str(password_file))
+    cache = inv["_meta"]["hostvars"]["cache1.example.net"]
+    assert cache["registry_cache_auth_registries"] == FULL_ENV["REGISTRY_CACHE_AUTH_REGISTRIES"]
+
+    # Without the password a re-run keeps the encrypted file untouched.
+    env = clean_env(**{k: v for k, v in FULL_ENV.items() if k != "REGISTRY_CACHE_AUTH_REGISTRIES"})
+    again = make_config(checkout, env, "\n")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (checkout / SECRETS).read_text() == raw
