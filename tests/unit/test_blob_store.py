@@ -1,0 +1,90 @@
+import asyncio
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from proxy_app.blobs import DigestMismatch, FilesystemBlobStore
+from proxy_app.inflight import FetchFailed, InflightFetches
+from proxy_app.responses import parse_range
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_commit_verifies_and_places_by_digest(tmp_path: Path) -> None:
+    store = FilesystemBlobStore(tmp_path)
+    data = b"layer bytes" * 1000
+    writer = store.begin_write(digest_of(data))
+    writer.write(data[:5000])
+    assert not store.has(digest_of(data))  # invisible until committed
+    writer.write(data[5000:])
+    writer.commit(len(data))
+    hexd = digest_of(data).split(":")[1]
+    assert (tmp_path / "blobs" / "sha256" / hexd[:2] / hexd).read_bytes() == data
+    assert list(store.list()) == [(digest_of(data), len(data))]
+    assert not any((tmp_path / "tmp").iterdir())
+
+
+def test_mismatch_is_never_stored(tmp_path: Path) -> None:
+    store = FilesystemBlobStore(tmp_path)
+    claimed = digest_of(b"what the manifest says")
+    writer = store.begin_write(claimed)
+    writer.write(b"what upstream sent")
+    with pytest.raises(DigestMismatch):
+        writer.commit(None)
+    assert not store.has(claimed)
+    assert not any((tmp_path / "tmp").iterdir())
+
+
+def test_store_refuses_non_digests(tmp_path: Path) -> None:
+    store = FilesystemBlobStore(tmp_path)
+    with pytest.raises(ValueError):
+        store.path("sha256:../../etc/passwd")
+
+
+def test_ranges() -> None:
+    assert parse_range(None, 100) is None
+    assert parse_range("bytes=0-9", 100) == (0, 10)
+    assert parse_range("bytes=90-", 100) == (90, 100)
+    assert parse_range("bytes=-10", 100) == (90, 100)
+    assert parse_range("bytes=95-200", 100) == (95, 100)
+    assert parse_range("bytes=100-", 100) is False
+    assert parse_range("bytes=0-1,5-6", 100) is None  # several ranges: the whole body
+
+
+def test_readers_never_get_the_last_byte_before_verification(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = FilesystemBlobStore(tmp_path)
+        fetches = InflightFetches()
+        data = b"x" * 100
+        fetch, mine = fetches.claim(digest_of(data))
+        assert mine and fetches.claim(digest_of(data)) == (fetch, False)
+        writer = store.begin_write(fetch.digest)
+        fetch.begin(writer, len(data))
+        writer.write(data)
+        fetch.progressed()
+        assert await fetch.wait_beyond(0) == 99  # held back until commit
+        waiter = asyncio.ensure_future(fetch.wait_beyond(99))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        writer.commit(len(data))
+        fetch.finish()
+        assert await waiter == 100
+
+    asyncio.run(scenario())
+
+
+def test_failed_fetch_wakes_readers_with_an_error(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = FilesystemBlobStore(tmp_path)
+        fetch, _ = InflightFetches().claim(digest_of(b"abc"))
+        fetch.begin(store.begin_write(fetch.digest), 3)
+        waiter = asyncio.ensure_future(fetch.wait_beyond(0))
+        await asyncio.sleep(0)
+        fetch.fail("digest mismatch")
+        with pytest.raises(FetchFailed):
+            await waiter
+
+    asyncio.run(scenario())

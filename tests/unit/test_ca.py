@@ -1,0 +1,54 @@
+import os
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+import pytest
+
+from proxy_app.ca import CAError, CertificateAuthority
+
+
+def test_ca_is_made_once_and_kept(tmp_path: Path) -> None:
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
+    assert os.stat(tmp_path / "ca" / "ca.key").st_mode & 0o777 == 0o600
+    again = CertificateAuthority.load_or_create(tmp_path / "ca")
+    assert again.fingerprint() == ca.fingerprint()
+
+
+def test_world_readable_key_is_refused(tmp_path: Path) -> None:
+    CertificateAuthority.load_or_create(tmp_path / "ca")
+    os.chmod(tmp_path / "ca" / "ca.key", 0o644)
+    with pytest.raises(CAError, match="chmod 600"):
+        CertificateAuthority.load_or_create(tmp_path / "ca")
+
+
+def handshake(ca: CertificateAuthority, cafile: Path, server_name: str, leaf_for: str) -> None:
+    server_ctx = ca.server_context(leaf_for)
+    a, b = socket.socketpair()
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            with server_ctx.wrap_socket(a, server_side=True) as s:
+                s.recv(1)
+        except (ssl.SSLError, OSError) as e:
+            errors.append(e)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    client_ctx = ssl.create_default_context(cafile=str(cafile))
+    try:
+        with client_ctx.wrap_socket(b, server_hostname=server_name) as c:
+            c.send(b"x")
+    finally:
+        t.join(5)
+
+
+def test_leaf_verifies_for_its_host_only(tmp_path: Path) -> None:
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
+    cafile = tmp_path / "ca" / "ca.crt"
+    handshake(ca, cafile, "ghcr.io", "ghcr.io")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(ca, cafile, "quay.io", "ghcr.io")
+    assert ca.server_context("ghcr.io") is ca.server_context("GHCR.io")  # cached per host
