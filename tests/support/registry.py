@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
 import secrets
 import shutil
@@ -45,6 +46,8 @@ class Registry:
         htpasswd: tuple[str, str] | None = None,
         token: dict[str, Any] | None = None,
         port: int | None = None,
+        proxy_remote: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +81,10 @@ class Registry:
             config["auth"] = {"htpasswd": {"realm": "rc-test", "path": str(self.dir / "htpasswd")}}
         if token:
             config["auth"] = {"token": token}
+        if proxy_remote:
+            # distribution's pull-through cache mode in front of `proxy_remote`
+            config["proxy"] = {"remoteurl": proxy_remote}
+        self.env = env  # extra environment for the process (e.g. SSL_CERT_FILE)
         self.config_path.write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -93,6 +100,7 @@ class Registry:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env} if self.env else None,
         )
         log.close()
         try:
