@@ -22,6 +22,10 @@ class FetchFailed(Exception):
     """The shared download broke or its bytes failed verification."""
 
 
+class StoreUnavailable(FetchFailed):
+    """The blob could not be written (disk full, I/O error): readers fetch it directly."""
+
+
 class BlobFetch:
     def __init__(self, digest: str) -> None:
         self.digest = digest
@@ -56,8 +60,8 @@ class BlobFetch:
         self.committed = True
         self._notify()
 
-    def fail(self, reason: str) -> None:
-        self.error = FetchFailed(reason)
+    def fail(self, reason: str, error: type[FetchFailed] = FetchFailed) -> None:
+        self.error = error(reason)
         if not self.started.done():
             self.started.set_result(False)
         self._notify()

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 import aiohttp
@@ -63,7 +64,9 @@ class ManifestCache:
         upstream: Upstream,
         metrics: Metrics,
         executor: Executor,
+        on_store_error: Callable[[OSError], None],
     ) -> None:
+        self.on_store_error = on_store_error
         self.config = config
         self.store = store
         self.index = index
@@ -106,7 +109,9 @@ class ManifestCache:
             },
         )
 
-    async def _store(self, digest: str, body: bytes, media_type: str) -> None:
+    async def _store(self, digest: str, body: bytes, media_type: str) -> bool:
+        """Stores a manifest; False when the store cannot take it (the answer still goes out)."""
+
         def write() -> int:
             writer = self.store.begin_write(digest)
             try:
@@ -116,8 +121,13 @@ class ManifestCache:
                 raise
             return writer.commit(len(body))
 
-        size = await asyncio.get_running_loop().run_in_executor(self.executor, write)
+        try:
+            size = await asyncio.get_running_loop().run_in_executor(self.executor, write)
+        except OSError as e:
+            self.on_store_error(e)
+            return False
         self.index.add_blob(digest, size, media_type)
+        return True
 
     async def _read_manifest(self, upstream: aiohttp.ClientResponse) -> tuple[bytes, str, str]:
         if (upstream.content_length or 0) > MAX_MANIFEST_SIZE:
@@ -229,8 +239,8 @@ class ManifestCache:
                 return self._invalid(origin, e, ex)
         finally:
             upstream.release()
-        await self._store(digest, body, media_type)
-        self.index.set_tag(*key, digest, media_type)
+        if await self._store(digest, body, media_type):
+            self.index.set_tag(*key, digest, media_type)
         return self._answer(request, body, media_type, digest, ex)
 
     async def _revalidate(

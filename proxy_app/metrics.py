@@ -43,5 +43,11 @@ class Metrics:
             registry=r,
         )
 
+        self.store_unavailable = Gauge(
+            "registry_cache_store_unavailable",
+            "1 while blobs cannot be stored (disk full, I/O error), else 0",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

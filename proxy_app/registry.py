@@ -9,6 +9,7 @@ endpoints) is passed through uncached (PASS).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Coroutine, Mapping
 from concurrent.futures import Executor
@@ -21,7 +22,7 @@ from .blobs import BlobStore, DigestMismatch
 from .config import Config, ProxyUser
 from .exchange import Exchange
 from .index import Index
-from .inflight import BlobFetch, FetchFailed, InflightFetches
+from .inflight import BlobFetch, FetchFailed, InflightFetches, StoreUnavailable
 from .manifests import ManifestCache
 from .metrics import Metrics
 from .proxy_auth import may_access
@@ -72,7 +73,9 @@ class RegistryProxy:
         self.metrics = metrics
         self.executor = executor
         self.inflight = InflightFetches(on_change=metrics.inflight.set)
-        self.manifests = ManifestCache(config, store, index, upstream, metrics, executor)
+        self.manifests = ManifestCache(
+            config, store, index, upstream, metrics, executor, maintenance.store_failed
+        )
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- entry point --------------------------------------------------------------------
@@ -213,6 +216,8 @@ class RegistryProxy:
             started = await asyncio.shield(fetch.started)
             if started:
                 break
+            if isinstance(fetch.error, StoreUnavailable):
+                return await self._send_direct(request, origin, route.name, digest, ex)
             if fetch.error is not None:
                 raise fetch.error
             refusal = fetch.refusal
@@ -223,7 +228,7 @@ class RegistryProxy:
                     headers={**refusal.headers, CACHE_HEADER: "MISS"},
                 )
             # Upstream refused someone else's request (their token, say): ask with ours.
-        return await self._send_inflight(request, fetch, ex)
+        return await self._send_inflight(request, origin, route.name, fetch, ex)
 
     async def _send_stored(
         self, request: web.BaseRequest, digest: str, size: int, ex: Exchange
@@ -260,7 +265,7 @@ class RegistryProxy:
         return response
 
     async def _send_inflight(
-        self, request: web.BaseRequest, fetch: BlobFetch, ex: Exchange
+        self, request: web.BaseRequest, origin: Origin, name: str, fetch: BlobFetch, ex: Exchange
     ) -> web.StreamResponse:
         byte_range: tuple[int, int] | None = None
         if fetch.size is not None:
@@ -286,10 +291,70 @@ class RegistryProxy:
                 executor=self.executor,
                 available=fetch.wait_beyond,
                 on_prepared=ex.prepared,
+                fallback=functools.partial(
+                    self._continue_direct, origin, name, fetch.digest, request.headers
+                ),
             )
         finally:
             reader.close()
             self.maintenance.unpin(fetch.digest)
+        self.metrics.bytes.labels("upstream").inc(ex.sent)
+        return response
+
+    def _direct_headers(self, client_headers: Mapping[str, str]) -> dict[str, str]:
+        keep = ("authorization", "user-agent")
+        return {k: v for k, v in client_headers.items() if k.lower() in keep}
+
+    async def _continue_direct(
+        self,
+        origin: Origin,
+        name: str,
+        digest: str,
+        client_headers: Mapping[str, str],
+        response: web.StreamResponse,
+        offset: int,
+        end: int | None,
+    ) -> int:
+        """Sends bytes offset..end of a blob straight from upstream (the store is full)."""
+        headers = self._direct_headers(client_headers)
+        headers["Range"] = f"bytes={offset}-{'' if end is None else end - 1}"
+        path = f"/v2/{name}/blobs/{digest}"
+        upstream = await self.upstream.request("GET", origin, path, headers, follow_redirects=True)
+        try:
+            if upstream.status not in (200, 206):
+                raise FetchFailed(f"upstream answered {upstream.status} for the rest of {digest}")
+            skip = offset if upstream.status == 200 else 0  # Range ignored: skip ourselves
+            remaining = None if end is None else end - offset
+            sent = 0
+            async for data in upstream.content.iter_chunked(CHUNK):
+                if skip:
+                    cut = min(skip, len(data))
+                    data, skip = data[cut:], skip - cut
+                if remaining is not None:
+                    data = data[: remaining - sent]
+                if data:
+                    await response.write(data)
+                    sent += len(data)
+                if remaining is not None and sent >= remaining:
+                    break
+            return sent
+        finally:
+            upstream.release()
+
+    async def _send_direct(
+        self, request: web.BaseRequest, origin: Origin, name: str, digest: str, ex: Exchange
+    ) -> web.StreamResponse:
+        """The store cannot take the blob: the client gets it straight from upstream."""
+        ex.note = "not stored: store unavailable"
+        path = f"/v2/{name}/blobs/{digest}"
+        headers = self._direct_headers(request.headers)
+        if "Range" in request.headers:
+            headers["Range"] = request.headers["Range"]
+        upstream = await self.upstream.request("GET", origin, path, headers, follow_redirects=True)
+        try:
+            response, ex.sent = await relay(request, upstream, "MISS", ex.prepared)
+        finally:
+            upstream.release()
         self.metrics.bytes.labels("upstream").inc(ex.sent)
         return response
 
@@ -298,9 +363,7 @@ class RegistryProxy:
     ) -> None:
         """Downloads one blob into the store, feeding every reader as bytes arrive."""
         loop = asyncio.get_running_loop()
-        headers = {
-            k: v for k, v in client_headers.items() if k.lower() in ("authorization", "user-agent")
-        }
+        headers = self._direct_headers(client_headers)
         path = f"/v2/{name}/blobs/{fetch.digest}"
         writer = None
         try:
@@ -321,7 +384,10 @@ class RegistryProxy:
                 return
             if upstream.content_length:
                 self.maintenance.make_room(upstream.content_length, self.inflight)
-            writer = self.store.begin_write(fetch.digest)
+            try:
+                writer = self.store.begin_write(fetch.digest)
+            except OSError as e:
+                raise _StoreError(e) from e
             fetch.begin(writer, upstream.content_length)
             stream = upstream.content
             while True:
@@ -334,13 +400,27 @@ class RegistryProxy:
                     if not more:
                         break
                     batch += more
-                await loop.run_in_executor(self.executor, writer.write, bytes(batch))
+                try:
+                    await loop.run_in_executor(self.executor, writer.write, bytes(batch))
+                except OSError as e:
+                    raise _StoreError(e) from e
                 fetch.progressed()
-            size = await loop.run_in_executor(self.executor, writer.commit, upstream.content_length)
+            try:
+                size = await loop.run_in_executor(
+                    self.executor, writer.commit, upstream.content_length
+                )
+            except OSError as e:
+                raise _StoreError(e) from e
+            self.maintenance.store_ok()
             self.index.add_blob(fetch.digest, size)
             self.inflight.release(fetch)
             fetch.finish()
             self.maintenance.stored(fetch.digest, size)
+        except _StoreError as e:
+            if writer is not None:
+                writer.abort()
+            self.maintenance.store_failed(e.error)
+            fetch.fail(f"cannot store {fetch.digest}: {e.error}", StoreUnavailable)
         except DigestMismatch as e:
             self.metrics.upstream_errors.inc()
             log.error("refusing blob %s from %s: %s", fetch.digest, origin.netloc, e)
@@ -367,6 +447,14 @@ class RegistryProxy:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class _StoreError(Exception):
+    """Writing to the store failed: not upstream's fault, and not the client's."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _relayable(headers: Mapping[str, str]) -> dict[str, str]:

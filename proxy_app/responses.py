@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from .blobs import BlobReader
+from .inflight import StoreUnavailable
 from .upstream import forwardable
 
 CACHE_HEADER = "X-Registry-Cache"
@@ -86,6 +87,8 @@ async def relay(
 
 
 ReadMore = Callable[[int], Awaitable[int]]
+# Sends the rest of a blob from elsewhere: (response, offset, end) -> bytes sent.
+Fallback = Callable[[web.StreamResponse, int, int | None], Awaitable[int]]
 
 
 async def stream_blob(
@@ -98,12 +101,14 @@ async def stream_blob(
     executor: Executor,
     available: ReadMore | None = None,
     on_prepared: OnPrepared | None = None,
+    fallback: Fallback | None = None,
 ) -> tuple[web.StreamResponse, int]:
     """Sends a blob (or one range of it) from a reader.
 
     `available(offset)` is given for a blob still being fetched: it waits until bytes
     past `offset` may be read and returns how many may, or raises when the fetch failed,
     which cuts the connection so the client never takes a truncated blob for a whole one.
+    When the blob cannot be stored, `fallback` sends the rest straight from upstream.
     """
     start, end = byte_range if byte_range else (0, size)
     status = 206 if byte_range else 200
@@ -122,7 +127,13 @@ async def stream_blob(
     loop = asyncio.get_running_loop()
     offset = start
     while end is None or offset < end:
-        limit = await available(offset) if available else end
+        try:
+            limit = await available(offset) if available else end
+        except StoreUnavailable:
+            if fallback is None:
+                raise
+            offset += await fallback(response, offset, end)
+            break
         if limit is None:
             break
         if end is not None:

@@ -38,6 +38,7 @@ class StoreMaintenance:
         self.metrics = metrics
         self.size = 0
         self._pins: Counter[str] = Counter()
+        self._store_failing = False
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -74,6 +75,26 @@ class StoreMaintenance:
             " (index rebuilt)" if index_rebuilt else "",
         )
         self.make_room(0)
+
+    # --- a store that cannot take writes (disk full, I/O errors) -------------------------
+
+    def store_failed(self, error: OSError) -> None:
+        """Logged once per episode; clients are served straight from upstream meanwhile."""
+        self.metrics.store_errors.inc()
+        self.metrics.store_unavailable.set(1)
+        if not self._store_failing:
+            self._store_failing = True
+            log.error(
+                "cannot store blobs in %s: %s; serving through from upstream until it works again",
+                self.config.cache_dir,
+                error.strerror or error,
+            )
+
+    def store_ok(self) -> None:
+        if self._store_failing:
+            self._store_failing = False
+            self.metrics.store_unavailable.set(0)
+            log.info("storing blobs in %s works again", self.config.cache_dir)
 
     # --- pins ---------------------------------------------------------------------------
 
