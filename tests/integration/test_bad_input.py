@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from support.client import fetch, raw_exchange
+from support.net import free_port
 from support.proxy import Proxy, proxy_python
 from support.registry import Registry
 
@@ -103,7 +104,7 @@ def test_invalid_digests_and_traversal(registry: Registry, deep_proxy: Proxy, tm
                 problems.append(f"{method} {path}: traceback in body")
             elif method == "GET" and not text.strip():
                 problems.append(f"{method} {path}: {resp.status} with an empty body")
-            elif "json" in resp.headers.get("content-type", ""):
+            elif method == "GET" and "json" in resp.headers.get("content-type", ""):
                 doc = json.loads(resp.body)
                 if not doc.get("errors") or not doc["errors"][0].get("message"):
                     problems.append(f"{method} {path}: JSON without errors[].message: {doc}")
@@ -147,7 +148,7 @@ def run_serve(tmp_path: Path, config: dict, env: dict[str, str] | None = None):
     ids=["unknown-key", "bad-duration", "bad-size", "bad-auth", "bad-env"],
 )
 def test_bad_config_stops_start(config: dict, env: dict, names: str, tmp_path: Path):
-    base = {"listen": "127.0.0.1:0", "cache_dir": str(tmp_path / "cache")}
+    base = {"listen": f"127.0.0.1:{free_port()}", "cache_dir": str(tmp_path / "cache")}
     res = run_serve(tmp_path, {**base, **config}, env)
     out = res.stdout + res.stderr
     assert res.returncode != 0, f"serve started with a bad config:\n{out}"

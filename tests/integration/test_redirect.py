@@ -83,9 +83,8 @@ def test_image_with_redirected_layers_pulls_with_skopeo(
 ):
     front, cdn = redirecting
     img = image_factory(f"{registry.netloc}/pub/redirimg:latest", [40_000, 9_000])
-    proxy = proxy_factory(
-        auth_registries=f"{front.netloc}:{FRONT_CREDS[0]}:{FRONT_CREDS[1]}",
-    )
+    # the string form is host:user:pass, without a port
+    proxy = proxy_factory(auth_registries=f"{front.hostname}:{FRONT_CREDS[0]}:{FRONT_CREDS[1]}")
     res = skopeo(
         "copy",
         "--src-cert-dir",

@@ -33,13 +33,13 @@ class Proxy:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.cache_dir = self.dir / "cache"
         self.config: dict[str, Any] = {
             "listen": f"127.0.0.1:{self.port}",
-            "cache_dir": str(self.cache_dir),
+            "cache_dir": str(self.dir / "cache"),
             "log_format": "text",
             **config,
         }
+        self.cache_dir = Path(self.config["cache_dir"])
         self.config_path = self.dir / "config.yml"
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.stdout_path = self.dir / "proxy.stdout"
@@ -131,7 +131,7 @@ class Proxy:
                 except ValueError:
                     pass
             if found:
-                out.append(found[-1])
+                out.append(found[0])
         return out
 
     def metrics(self) -> str:
@@ -147,7 +147,7 @@ class Proxy:
             if not m or m[1] != name:
                 continue
             got = dict(re.findall(r'(\w+)="([^"]*)"', m[2] or ""))
-            if all(got.get(k) == v for k, v in labels.items()):
+            if all(got.get(k, "").lower() == v.lower() for k, v in labels.items()):
                 total += float(m[3])
         return total
 
