@@ -263,7 +263,7 @@ class ManifestCache:
                 ex.result, ex.note = "STALE", f"upstream unreachable: {e}"[:200]
                 return True
             return None
-        with head:
+        try:
             if head.status == 200 and head.headers.get("Docker-Content-Digest") == entry.digest:
                 ex.result = "HIT"
                 ex.note = "revalidated"
@@ -272,6 +272,8 @@ class ManifestCache:
                 self.metrics.upstream_errors.inc()
                 ex.result, ex.note = "STALE", f"upstream answered {head.status}"
                 return True
+        finally:
+            head.release()
         return None
 
     def _stale(

@@ -14,7 +14,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "registry_cache_requests",
-            "Requests answered, by kind (blob, manifest, tag, other) and result",
+            "Requests answered, by kind (blob, manifest, tag, other, push, connect, tunnel)"
+            " and result (hit, miss, stale, pass, denied)",
             ["kind", "result"],
             registry=r,
         )

@@ -106,9 +106,18 @@ class RegistryProxy:
                 f"upstream registry {origin.netloc} cannot be reached: {describe(e)}",
                 ex.result,
             )
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the client went away: nothing to answer
+        except Exception as e:
+            # A bug of ours: logged with its traceback here, never shown to the client.
+            log.exception("internal error on %s %s%s", request.method, origin.netloc, ex.path)
+            ex.note = f"internal error: {type(e).__name__}"
+            response = self._cut(request, ex) or error_response(
+                500, "UNKNOWN", "internal error in the registry cache; see its log", ex.result
+            )
         response.headers.setdefault(CACHE_HEADER, ex.result)
         ex.status = response.status
-        self.metrics.requests.labels(ex.kind, ex.result).inc()
+        self.metrics.requests.labels(ex.kind, ex.result.lower()).inc()
         return response
 
     def _cut(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse | None:

@@ -319,7 +319,7 @@ class ProxyServer:
     ) -> None:
         def refuse(status: int, message: str, extra: str = "") -> None:
             log.info("CONNECT from %s refused (%d): %s", client, status, message)
-            self.metrics.requests.labels("connect", "DENIED").inc()
+            self.metrics.requests.labels("connect", "denied").inc()
             transport.write(_raw_response(status, message, extra))
             transport.close()
 
@@ -363,7 +363,7 @@ class ProxyServer:
                 upstream.write(rest)
             transport.set_protocol(_Pipe(upstream))  # type: ignore[arg-type]
             transport.resume_reading()
-            self.metrics.requests.labels("tunnel", "PASS").inc()
+            self.metrics.requests.labels("tunnel", "pass").inc()
             log.info("%s tunnel %s:%d", client, host, port)
             return None
         if rest:
