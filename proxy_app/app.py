@@ -76,10 +76,17 @@ class RegistryCacheApp:
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             try:
-                self.index.flush_access()
+                self.flush()
                 self.maintenance.expire_inactive(self.registry.inflight)
             except Exception:
                 log.exception("housekeeping failed; will try again")
+
+    def flush(self) -> None:
+        self.index.flush_access()
+        stats, self.registry.pending_stats = self.registry.pending_stats, {}
+        self.index.add_stats(stats)
+        # `registry-cache gc` may have removed blobs behind our back: recount.
+        self.maintenance.refresh_size()
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
         writable = os.access(self.config.cache_dir, os.W_OK)
@@ -99,6 +106,7 @@ class RegistryCacheApp:
         await self.server.close()
         await self.registry.close()
         await self.upstream.close()
+        self.flush()
         self.index.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 

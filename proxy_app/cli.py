@@ -60,6 +60,99 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _open_store(config: Config):  # type: ignore[no-untyped-def]
+    from .blobs import FilesystemBlobStore
+    from .index import Index
+    from .metrics import Metrics
+    from .store_maintenance import StoreMaintenance
+
+    index_path = config.cache_dir / "index.sqlite3"
+    if not index_path.exists():
+        raise ConfigError(f"no cache at {config.cache_dir} (no index.sqlite3); is cache_dir right?")
+    index = Index(index_path)
+    store = FilesystemBlobStore(config.cache_dir)
+    maintenance = StoreMaintenance(config, store, index, Metrics())
+    maintenance.refresh_size()
+    return index, maintenance
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args)
+    index, maintenance = _open_store(config)
+    stats = index.stats()
+    hits, misses, stale = stats.get("hits", 0), stats.get("misses", 0), stats.get("stales", 0)
+    served = hits + misses + stale
+    oldest = index.oldest_access()
+    report = {
+        "cache_dir": str(config.cache_dir),
+        "size_bytes": maintenance.size,
+        "max_size_bytes": config.max_size,
+        "entries": index.count(),
+        "hits": hits,
+        "misses": misses,
+        "stale": stale,
+        "hit_ratio": round((hits + stale) / served, 4) if served else None,
+        "oldest_access": oldest,
+    }
+    index.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    age = f"{(time.time() - oldest) / 86400:.1f} days ago" if oldest else "-"
+    ratio = f"{report['hit_ratio']:.1%}" if report["hit_ratio"] is not None else "-"
+    print(f"cache dir     {config.cache_dir}")
+    print(f"size          {_human(maintenance.size)} of {_human(config.max_size)}")
+    print(f"entries       {report['entries']}")
+    print(f"hit ratio     {ratio} ({hits} hits, {stale} stale, {misses} misses)")
+    print(f"oldest entry  last used {age}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    config = _load(args)
+    index, maintenance = _open_store(config)
+    before = maintenance.size, index.count()
+    expired = maintenance.expire_inactive()
+    maintenance.make_room(0)
+    after = maintenance.size, index.count()
+    index.close()
+    print(
+        f"removed {before[1] - after[1]} blobs ({expired} unused for longer than inactive), "
+        f"freed {_human(before[0] - after[0])}; {_human(after[0])} in {after[1]} blobs remain"
+    )
+    return 0
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    from .prefetch import PrefetchError, prefetch
+
+    config = _load(args)
+    address = config.listen[0]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
+    proxy = args.proxy or f"http://{'[' + host + ']' if ':' in host else host}:{address.port}"
+    ca_file = config.ca_dir / "ca.crt"
+    try:
+        reports = prefetch(args.images, proxy, ca_file, args.platform)
+    except PrefetchError as e:
+        print(f"registry-cache prefetch: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"registry-cache prefetch: cannot use the proxy at {proxy}: {e}", file=sys.stderr)
+        return 1
+    for r in reports:
+        results = ", ".join(f"{k} {v}" for k, v in sorted(r.results.items()))
+        print(f"{r.image}: {r.manifests} manifests, {r.blobs} blobs, {_human(r.bytes)} ({results})")
+    return 0
+
+
 def cmd_hash_password(args: argparse.Namespace) -> int:
     from .proxy_auth import hash_password
 
@@ -91,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("serve", "run the proxy").set_defaults(func=cmd_serve)
+    st = add("status", "size, entries, hit ratio and oldest entry of the cache")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=cmd_status)
+    add("gc", "remove blobs unused for `inactive` and evict down to max_size now").set_defaults(
+        func=cmd_gc
+    )
+    pf = add("prefetch", "pull images through the running proxy so that they are cached")
+    pf.add_argument("images", nargs="+", metavar="IMAGE", help="e.g. alpine:3.20 ghcr.io/org/app:1")
+    pf.add_argument("--platform", help="only this platform of a multi-platform image (linux/amd64)")
+    pf.add_argument("--proxy", help="proxy URL (default: the first listen address)")
+    pf.set_defaults(func=cmd_prefetch)
     hp = sub.add_parser(
         "hash-password",
         help="read a password (prompt or stdin) and print the hash for a `users` entry",

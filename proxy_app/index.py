@@ -134,6 +134,26 @@ class Index:
     def all_digests(self) -> set[str]:
         return {r[0] for r in self._db.execute("SELECT digest FROM blobs")}
 
+    # --- counters that outlive the process (for `registry-cache status`) -------------------
+
+    def add_stats(self, deltas: dict[str, int]) -> None:
+        if not deltas:
+            return
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO stats(key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+                list(deltas.items()),
+            )
+
+    def stats(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT key, value FROM stats").fetchall())
+
+    def oldest_access(self) -> float | None:
+        row = self._db.execute("SELECT min(last_access) FROM blobs").fetchone()
+        return row[0] if row else None
+
     # --- tags ---------------------------------------------------------------------------
 
     def tag(self, host: str, name: str, tag: str, variant: str) -> TagEntry | None:

@@ -77,6 +77,8 @@ class RegistryProxy:
             config, store, index, upstream, metrics, executor, maintenance.store_failed
         )
         self._tasks: set[asyncio.Task[None]] = set()
+        # hit/miss counts not yet added to the index (flushed by the app's housekeeping)
+        self.pending_stats: dict[str, int] = {}
 
     # --- entry point --------------------------------------------------------------------
 
@@ -118,6 +120,9 @@ class RegistryProxy:
         response.headers.setdefault(CACHE_HEADER, ex.result)
         ex.status = response.status
         self.metrics.requests.labels(ex.kind, ex.result.lower()).inc()
+        if ex.kind in ("blob", "manifest", "tag") and ex.result in ("HIT", "MISS", "STALE"):
+            key = {"HIT": "hits", "MISS": "misses", "STALE": "stales"}[ex.result]
+            self.pending_stats[key] = self.pending_stats.get(key, 0) + 1
         return response
 
     def _cut(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse | None:

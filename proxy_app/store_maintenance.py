@@ -96,6 +96,10 @@ class StoreMaintenance:
             self.metrics.store_unavailable.set(0)
             log.info("storing blobs in %s works again", self.config.cache_dir)
 
+    def refresh_size(self) -> None:
+        self.size = self.index.total_size()
+        self._publish()
+
     # --- pins ---------------------------------------------------------------------------
 
     def pin(self, digest: str) -> None:
@@ -156,3 +160,4 @@ class StoreMaintenance:
 
     def _publish(self) -> None:
         self.metrics.size.set(self.size)
+        self.metrics.entries.set(self.index.count())
