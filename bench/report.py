@@ -1,0 +1,260 @@
+"""The table of figures against their targets, the machine, docs/BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import ssl
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import REPO_ROOT
+
+
+@dataclass
+class Row:
+    figure: str
+    value: str
+    target: str
+    met: bool | None  # None: reported, no target
+
+    @property
+    def met_text(self) -> str:
+        return "-" if self.met is None else ("yes" if self.met else "no")
+
+
+def _row(
+    results: dict[str, Any],
+    key: str,
+    figure: str,
+    fmt: Callable[[dict[str, Any]], str],
+    target: str,
+    ok: Callable[[dict[str, Any]], bool | None],
+) -> Row:
+    r = results.get(key)
+    if r is None:
+        return Row(figure, "not run", target, None)
+    if "error" in r:
+        return Row(figure, "failed: " + r["error"][:80], target, False)
+    return Row(figure, fmt(r), target, ok(r))
+
+
+def rows(results: dict[str, Any]) -> list[Row]:
+    return [
+        _row(
+            results,
+            "throughput",
+            "1. warm blob throughput, proxy / nginx (TLS)",
+            lambda r: f"{r['ratio']:.2f} ({r['proxy_mb_s']:.0f} / {r['nginx_mb_s']:.0f} MB/s)",
+            ">= 0.80",
+            lambda r: r["ratio"] >= 0.8,
+        ),
+        _row(
+            results,
+            "throughput",
+            "1. proxy CPU seconds per GiB served (nginx)",
+            lambda r: f"{r['proxy_cpu_s_per_gib']:.2f} s ({r['nginx_cpu_s_per_gib']:.2f} s)",
+            "report",
+            lambda r: None,
+        ),
+        _row(
+            results,
+            "warm_pull",
+            "2. warm image pull, proxy / distribution cache",
+            lambda r: f"{r['ratio']:.2f} ({r['proxy_s']:.2f} / {r['distribution_s']:.2f} s)",
+            "<= 1.00",
+            lambda r: r["ratio"] <= 1.0,
+        ),
+        _row(
+            results,
+            "cold_pull",
+            "3. cold image pull, proxy / direct",
+            lambda r: f"{r['ratio']:.2f} ({r['proxy_s']:.2f} / {r['direct_s']:.2f} s)",
+            "<= 1.30",
+            lambda r: r["ratio"] <= 1.3,
+        ),
+        _row(
+            results,
+            "herd",
+            "4. clients at once (cold): upstream bytes / image size",
+            lambda r: (
+                f"{r['upstream_bytes_ratio']:.2f} ({r['clients']} clients, "
+                f"max {r['max_upstream_gets_per_blob']} GET per blob)"
+            ),
+            "1.00",
+            lambda r: (
+                r["max_upstream_gets_per_blob"] == 1 and round(r["upstream_bytes_ratio"], 2) == 1.0
+            ),
+        ),
+        _row(
+            results,
+            "herd",
+            "4. slowest client's time / one client's cold pull",
+            lambda r: (
+                f"{r['slowest_over_single']:.1f} ({r['slowest_s']:.1f} / {r['single_s']:.2f} s)"
+            ),
+            "report",
+            lambda r: None,
+        ),
+        _row(
+            results,
+            "peak_rss",
+            "5. peak RSS, concurrent blob downloads",
+            lambda r: (
+                f"{r['peak_mb']:.0f} MB ({r['downloads']} downloads; idle {r['idle_mb']:.0f} MB)"
+            ),
+            "< 200 MB",
+            lambda r: r["peak_mb"] < 200,
+        ),
+        _row(
+            results,
+            "tag_latency",
+            "6. warm tag manifest request, p50",
+            lambda r: f"{r['p50_ms']:.2f} ms",
+            "< 5 ms",
+            lambda r: r["p50_ms"] < 5,
+        ),
+        _row(
+            results,
+            "tag_latency",
+            "6. warm tag manifest request, p99",
+            lambda r: f"{r['p99_ms']:.2f} ms",
+            "report",
+            lambda r: None,
+        ),
+    ]
+
+
+def table(rs: list[Row]) -> str:
+    head = ("figure", "value", "target", "met")
+    cells = [head] + [(r.figure, r.value, r.target, r.met_text) for r in rs]
+    widths = [max(len(c[i]) for c in cells) for i in range(4)]
+
+    def line(c: tuple[str, ...]) -> str:
+        return "| " + " | ".join(x.ljust(w) for x, w in zip(c, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), sep, *(line(c) for c in cells[1:])])
+
+
+# --- the machine ----------------------------------------------------------------------
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "not installed"
+    text = (res.stdout or res.stderr).strip()
+    return text.splitlines()[0] if text else "?"
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def _mem_gib() -> float:
+    m = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+    return int(m[1]) / (1 << 20) if m else 0.0
+
+
+def _git() -> str:
+    rev = _first_line(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "proxy_app"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return rev + (" (proxy_app with uncommitted changes)" if dirty else "")
+
+
+def machine() -> dict[str, str]:
+    debian = Path("/etc/debian_version")
+    return {
+        "CPU": f"{_cpu_model()}, {os.cpu_count()} cores",
+        "memory": f"{_mem_gib():.1f} GiB",
+        "kernel": platform.release(),
+        "OS": "Debian " + (debian.read_text().strip() if debian.exists() else "?"),
+        "Python": platform.python_version(),
+        "aiohttp": metadata.version("aiohttp"),
+        "OpenSSL (Python)": ssl.OPENSSL_VERSION,
+        "nginx": _first_line(["nginx", "-v"]),
+        "docker-registry": _first_line(["docker-registry", "--version"]),
+        "skopeo": _first_line(["skopeo", "--version"]),
+        "curl": _first_line(["curl", "--version"]),
+        "proxy_app commit": _git(),
+    }
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def markdown(
+    rs: list[Row],
+    results: dict[str, Any],
+    mach: dict[str, str],
+    meta: dict[str, Any],
+) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (`.venv/bin/python -m bench`); do not edit by hand.",
+        f"Run {meta['date']}, {meta['seconds']:.0f} s, mode `{meta['mode']}`. "
+        f"Load average before / after: {meta['load_before']} / {meta['load_after']}.",
+        "",
+        table(rs),
+        "",
+        "## Set-up",
+        "",
+        "Everything on loopback, started and stopped by the harness (`bench/`):",
+        "",
+        f"- upstream: Debian's docker-registry over TLS (test CA, EC P-256) holding a "
+        f"generated image of {meta['layers']} layers of {meta['layer_size'] / 1e6:.0f} MB "
+        "of random data (gzip), made once and kept in the bench cache directory;",
+        "- the proxy (`python -m proxy_app serve`), a fresh cache directory for every cold run;",
+        "- nginx serving the same layer files over TLS (TLS 1.2/1.3, sendfile on, one "
+        "worker, the same key type);",
+        "- docker-registry in proxy mode (`proxy: remoteurl:` the upstream), the peer "
+        "pull-through cache, warm.",
+        "",
+        "How each figure is measured (each is the median of several runs; each ratio "
+        "compares runs made in the same benchmark run, alternating which side goes first):",
+        "",
+        "1. `curl` fetches the image's layers one after another on one connection, "
+        "from nginx and through the proxy (CONNECT + TLS); bytes / wall time. CPU seconds "
+        "from /proc/<pid>/stat (utime + stime) around the proxy's runs (nginx: master and "
+        "worker, around its runs).",
+        "2. `skopeo copy docker://… dir:<tmpfs>` of the whole image, through the warm "
+        "proxy (HTTPS_PROXY) and from the warm distribution cache.",
+        "3. The same copy through a proxy with an empty cache, and straight from the upstream.",
+        f"4. {results.get('herd', {}).get('clients', '?')} clients started at once against "
+        "a proxy with an empty cache; each client is one `curl --parallel --parallel-max 3` "
+        "fetching the manifest by tag, the config and the layers through the proxy (50 "
+        "skopeo copies would write 25 GB to tmpfs on a 2-core machine). Upstream bytes are "
+        "the body bytes of the GETs in the upstream registry's access log; the image size "
+        "is manifest + config + layers. The reference is one such client alone against "
+        "an empty cache.",
+        "5. A fresh proxy process over the warm cache; that many `curl` downloads of a "
+        "layer each (round robin over the layers), all started at once; VmHWM of the "
+        "process (and VmRSS sampled every 20 ms). The largest of the runs.",
+        "6. GET of the manifest by tag within `tag_ttl`, one after another on one kept-"
+        "alive CONNECT + TLS connection with a raw client (tests/support/client.py).",
+        "",
+        "## Machine",
+        "",
+        *[f"- {k}: {v}" for k, v in mach.items()],
+        "",
+        "Raw samples of this run: `docs/bench-raw/` (not committed).",
+        "",
+    ]
+    return "\n".join(lines)
