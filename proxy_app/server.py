@@ -11,7 +11,6 @@ absolute-form ones are proxied for plain-HTTP registries.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import functools
 import ipaddress
 import json
@@ -27,6 +26,7 @@ from yarl import URL
 from . import __version__
 from .ca import CertificateAuthority
 from .config import Config, ProxyUser
+from .destinations import DestinationPolicy, DestinationRefused, host_matches
 from .exchange import Exchange
 from .metrics import CONTENT_TYPE, Metrics
 from .proxy_auth import ProxyAuthenticator
@@ -76,16 +76,6 @@ def _parse_head(head: bytes) -> tuple[list[str], dict[str, str]] | None:
             return None
         headers[name.strip().lower()] = value.strip()
     return lines[0].split(" "), headers
-
-
-def _host_matches(globs: tuple[str, ...], host: str, port: int) -> bool:
-    for glob in globs:
-        target = (
-            f"{host}:{port}" if re.search(r":[0-9*?]+$", glob) and not glob.endswith("]") else host
-        )
-        if fnmatch.fnmatchcase(target, glob):
-            return True
-    return False
 
 
 class _Pipe(asyncio.Protocol):
@@ -224,6 +214,7 @@ class ProxyServer:
         self.metrics = metrics
         self.health = health
         self.auth = ProxyAuthenticator(config.users)
+        self.destinations = DestinationPolicy(config)
         self._servers: list[asyncio.AbstractServer] = []
         self._plain: web.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -283,9 +274,9 @@ class ProxyServer:
 
     def disposition(self, host: str, port: int) -> str | None:
         """'passthrough', 'intercept', or None when neither list admits host:port."""
-        if _host_matches(self.config.passthrough, host, port):
+        if host_matches(self.config.passthrough, host, port):
             return "passthrough"
-        if _host_matches(self.config.intercept, host, port):
+        if host_matches(self.config.intercept, host, port):
             return "intercept"
         return None
 
@@ -351,10 +342,17 @@ class ProxyServer:
         if disposition is None:
             return refuse(403, f"{host}:{port} is neither in intercept nor in passthrough")
         loop = asyncio.get_running_loop()
+        try:
+            addresses = await asyncio.wait_for(self.destinations.resolve(host, port), timeout=30)
+        except DestinationRefused as e:
+            return refuse(403, str(e))
+        except (OSError, TimeoutError) as e:
+            return refuse(502, f"cannot resolve {host}: {e}")
         if disposition == "passthrough":
             try:
                 upstream, _ = await asyncio.wait_for(
-                    loop.create_connection(lambda: _Pipe(transport), host, port), timeout=30
+                    loop.create_connection(lambda: _Pipe(transport), addresses[0], port),
+                    timeout=30,
                 )
             except (OSError, TimeoutError) as e:
                 return refuse(502, f"cannot reach {host}:{port}: {e}")
@@ -461,6 +459,14 @@ class ProxyServer:
                 status=403,
                 text=f"{host}:{port} is not in intercept\n",
                 headers={CACHE_HEADER: "PASS"},
+            )
+        try:
+            await self.destinations.resolve(host, port)
+        except DestinationRefused as e:
+            return web.Response(status=403, text=f"{e}\n", headers={CACHE_HEADER: "PASS"})
+        except OSError as e:
+            return web.Response(
+                status=502, text=f"cannot resolve {host}: {e}\n", headers={CACHE_HEADER: "PASS"}
             )
         path = url.raw_path_qs or "/"
         origin = Origin("http", host, port)

@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .config import Config, Credentials
+from .destinations import DestinationPolicy, GuardedResolver
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def forwardable(headers: Mapping[str, str]) -> CIMultiDict[str]:
 
 class Upstream:
     def __init__(self, config: Config) -> None:
+        self._config = config
         self._credentials: Mapping[str, Credentials] = config.auth_registries
         self._proxy = config.upstream_proxy
         ctx = ssl.create_default_context()
@@ -86,7 +88,11 @@ class Upstream:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
-            ssl=self._ssl, limit=0, limit_per_host=64, ttl_dns_cache=60, enable_cleanup_closed=True
+            ssl=self._ssl,
+            limit=0,
+            limit_per_host=64,
+            ttl_dns_cache=60,
+            resolver=GuardedResolver(DestinationPolicy(self._config)),
         )
         self._session = aiohttp.ClientSession(
             connector=connector,

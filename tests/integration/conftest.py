@@ -152,7 +152,7 @@ def proxy_factory(
     def make(start: bool = True, **config: Any) -> Proxy:
         base: dict[str, Any] = {
             "upstream_ca_bundle": str(pki.ca_path),
-            "intercept": ["*"],
+            "intercept": ["*", "*.rc.test"],  # loopback upstreams must be named explicitly
             "allowed_ports": sorted({443, *upstream_ports}),
             "tag_ttl": "5m",
         }
@@ -164,3 +164,7 @@ def proxy_factory(
     yield make
     for proxy in made:
         proxy.stop()
+    # whatever a test did, the proxy never printed a traceback (stop included)
+    broken = [p.stderr_path for p in made if "Traceback" in p.stderr()]
+    if broken:
+        pytest.fail(f"proxy stderr has a Traceback: {[str(b) for b in broken]}")

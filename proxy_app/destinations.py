@@ -1,0 +1,112 @@
+"""Where the proxy may connect: not into the cache host itself, loopback, link-local or
+cloud metadata addresses, unless a host is named explicitly in `intercept`/`passthrough`.
+
+The check runs on resolved addresses, in the resolver the upstream client uses and
+before a tunnel is opened, so a name that resolves to 127.0.0.1 or 169.254.169.254 is
+refused like the address itself (and a DNS answer that changes between a check and the
+connection cannot slip past: the connection uses only addresses that passed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import ipaddress
+import re
+import socket
+from typing import Any
+
+from aiohttp.abc import AbstractResolver
+from aiohttp.resolver import ThreadedResolver
+
+from .config import Config
+
+METADATA_ADDRESSES = frozenset(
+    {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+)
+WILDCARDS = frozenset({"*", "*:*"})
+
+
+class DestinationRefused(OSError):
+    pass
+
+
+def host_matches(globs: tuple[str, ...], host: str, port: int) -> bool:
+    """Whether host (or host:port, for globs that name a port) matches one of `globs`."""
+    for glob in globs:
+        names_port = re.search(r":[0-9*?]+$", glob) is not None and not glob.endswith("]")
+        if fnmatch.fnmatchcase(f"{host}:{port}" if names_port else host, glob):
+            return True
+    return False
+
+
+def forbidden_reason(address: str) -> str | None:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return f"{address} is not an IP address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    if ip in METADATA_ADDRESSES:
+        return f"{ip} is a cloud metadata address"
+    if ip.is_loopback:
+        return f"{ip} is a loopback address"
+    if ip.is_link_local:
+        return f"{ip} is a link-local address"
+    if ip.is_unspecified or ip.is_multicast:
+        return f"{ip} is not a destination"
+    return None
+
+
+class DestinationPolicy:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._explicit = tuple(
+            g for g in (*config.intercept, *config.passthrough) if g not in WILDCARDS
+        )
+
+    def explicitly_allowed(self, host: str, port: int) -> bool:
+        return host_matches(self._explicit, host.lower(), port)
+
+    def refusal(self, host: str, port: int, addresses: list[str]) -> str | None:
+        """Why connecting to these addresses of host:port is refused, or None."""
+        if self.explicitly_allowed(host, port):
+            return None
+        for address in addresses:
+            reason = forbidden_reason(address)
+            if reason:
+                return (
+                    f"{host}:{port} is refused: {reason}; name the host in intercept or "
+                    "passthrough to allow it"
+                )
+        return None
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        """Resolved addresses of host that may be used; raises DestinationRefused."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = [str(info[4][0]) for info in infos]
+        reason = self.refusal(host, port, addresses)
+        if reason:
+            raise DestinationRefused(reason)
+        return addresses
+
+
+class GuardedResolver(AbstractResolver):
+    """aiohttp's resolver, refusing what the destination policy refuses."""
+
+    def __init__(self, policy: DestinationPolicy) -> None:
+        self._policy = policy
+        self._inner = ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[dict[str, Any]]:
+        results = await self._inner.resolve(host, port, family)
+        reason = self._policy.refusal(host, port, [r["host"] for r in results])
+        if reason:
+            raise DestinationRefused(reason)
+        return results  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        await self._inner.close()
