@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the local test images of DESIGN.md (nothing can be pulled from a public registry):
 #   registry-cache-test/debian-systemd:bookworm  Debian with systemd, Python, curl, openssl,
-#                                                docker-registry, skopeo, apache2-utils, make
+#                                                docker-registry, nginx, skopeo, htpasswd, make
 #   registry-cache-test/debian-docker:bookworm   the same plus Debian's docker.io
 # One debootstrap; the Docker variant is that tree plus docker.io, installed in a chroot (from
 # the host's network, so the build needs no container networking). Each image carries a label
@@ -19,7 +19,7 @@ base_packages=(
   systemd systemd-sysv dbus libpam-systemd
   python3 python3-venv python3-apt ca-certificates curl openssl iproute2 procps
   make git sudo less
-  docker-registry skopeo apache2-utils
+  docker-registry skopeo apache2-utils nginx-light
 )
 docker_packages=(docker.io)
 
@@ -93,7 +93,8 @@ in_root systemctl mask \
   sys-kernel-debug.mount sys-kernel-tracing.mount sys-fs-fuse-connections.mount \
   systemd-modules-load.service apt-daily.timer apt-daily-upgrade.timer e2scrub_reap.service \
   >/dev/null 2>&1
-in_root systemctl disable docker-registry.service >/dev/null 2>&1 || true
+# The upstream test registry (docker-registry behind nginx) is switched on only where wanted.
+in_root systemctl disable docker-registry.service nginx.service >/dev/null 2>&1 || true
 
 import() { # import IMAGE: the tree as an image booting systemd, labelled with the inputs
   tar -C "$rootfs" --numeric-owner --xattrs --acls -c . | docker import \
