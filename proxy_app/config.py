@@ -90,6 +90,7 @@ class Config:
     upstream_proxy: str | None = None
     log_format: str = "text"
     log_level: str = "info"
+    max_connections_per_client: int = 256
     # True when `listen` was not configured: a missing IPv6 stack then is not an error.
     listen_is_default: bool = True
 
@@ -255,6 +256,14 @@ def parse_users(value: Any) -> tuple[ProxyUser, ...]:
     return tuple(users)
 
 
+def parse_count(value: Any, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not str(value).strip().isdigit():
+        raise ConfigError(f"{value!r} is not a whole number")
+    if int(value) < minimum:
+        raise ConfigError(f"must be at least {minimum}")
+    return int(value)
+
+
 def parse_path(value: Any) -> Path:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError("expected a path")
@@ -302,6 +311,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream_proxy": parse_proxy_url,
     "log_format": parse_choice("text", "json"),
     "log_level": parse_choice("debug", "info", "warning", "error"),
+    "max_connections_per_client": lambda v: parse_count(v, minimum=1),
 }
 
 # Keys whose environment value is YAML rather than a plain string (lists of mappings).

@@ -50,5 +50,9 @@ class Metrics:
             registry=r,
         )
 
+        self.connections = Gauge(
+            "registry_cache_client_connections", "Client connections open", registry=r
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -51,6 +52,7 @@ _STATUS_TEXT = {
     431: "Request Header Fields Too Large",
     502: "Bad Gateway",
     408: "Request Timeout",
+    429: "Too Many Requests",
 }
 
 
@@ -78,11 +80,70 @@ def _parse_head(head: bytes) -> tuple[list[str], dict[str, str]] | None:
     return lines[0].split(" "), headers
 
 
+class Slot:
+    """One client connection counted against its address's limit; released once."""
+
+    def __init__(self, slots: ConnectionSlots, client: str) -> None:
+        self._slots, self.client, self._held = slots, client, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.give_back(self.client)
+
+
+class ConnectionSlots:
+    """Open connections per client address, bounded so that one client (or a slowloris)
+    cannot take every connection the proxy can hold."""
+
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit = limit
+        self._open: Counter[str] = Counter()
+        self._metrics = metrics
+
+    def take(self, client: str) -> Slot | None:
+        if self._open[client] >= self.limit:
+            return None
+        self._open[client] += 1
+        self._metrics.connections.inc()
+        return Slot(self, client)
+
+    def give_back(self, client: str) -> None:
+        self._open[client] -= 1
+        if self._open[client] <= 0:
+            del self._open[client]
+        self._metrics.connections.dec()
+
+
+class TrackedServer(web.Server):
+    """aiohttp's low-level HTTP server, giving a connection's slot back when it closes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.slots: dict[Any, Slot] = {}
+
+    def attach(self, transport: asyncio.Transport, slot: Slot, data: bytes = b"") -> None:
+        """Hands a connection (and the bytes already read from it) to a new handler."""
+        handler = self()
+        self.slots[handler] = slot
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if data:
+            handler.data_received(data)
+
+    def connection_lost(self, handler: Any, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        slot = self.slots.pop(handler, None)
+        if slot is not None:
+            slot.release()
+
+
 class _Pipe(asyncio.Protocol):
     """One direction of a byte tunnel, with flow control towards the other side."""
 
-    def __init__(self, peer: asyncio.Transport | None = None) -> None:
+    def __init__(self, peer: asyncio.Transport | None = None, slot: Slot | None = None) -> None:
         self.peer = peer
+        self.slot = slot
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -101,6 +162,8 @@ class _Pipe(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer is not None:
             self.peer.close()
+        if self.slot is not None:
+            self.slot.release()
 
     def pause_writing(self) -> None:
         if self.peer is not None:
@@ -126,13 +189,10 @@ class _Holding(asyncio.Protocol):
         self.eof = True
         return False
 
-    def hand_over(self, transport: asyncio.Transport, protocol: asyncio.Protocol) -> None:
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        if self.data:
-            protocol.data_received(bytes(self.data))
-        if self.eof:
-            protocol.eof_received()
+    def hand_over(self, transport: asyncio.Transport, server: TrackedServer, slot: Slot) -> None:
+        server.attach(transport, slot, bytes(self.data))
+        if self.eof and isinstance(transport.get_protocol(), asyncio.Protocol):
+            transport.get_protocol().eof_received()  # type: ignore[attr-defined]
 
 
 class ClientConnection(asyncio.Protocol):
@@ -142,6 +202,7 @@ class ClientConnection(asyncio.Protocol):
         self.client = "-"
         self.buffer = bytearray()
         self._timer: asyncio.TimerHandle | None = None
+        self.slot: Slot | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -152,10 +213,19 @@ class ClientConnection(asyncio.Protocol):
             log.warning("refused client %s: not in allowed_clients", self.client)
             self._refuse(403, f"client {self.client} is not in this cache's allowed_clients")
             return
+        self.slot = self.server.slots.take(self.client)
+        if self.slot is None:
+            log.warning("refused a connection from %s: it has too many open", self.client)
+            self._refuse(
+                429, f"too many connections from {self.client} (max_connections_per_client)"
+            )
+            return
         self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self._head_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        if self.slot is not None:
+            self.slot.release()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -171,6 +241,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(_raw_response(status, message, extra))
             self.transport.close()
         self.transport = None
+        if self.slot is not None:
+            self.slot.release()
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
@@ -185,17 +257,18 @@ class ClientConnection(asyncio.Protocol):
         if self.buffer.startswith(b"CONNECT "):
             parsed = _parse_head(bytes(self.buffer[:end]))
             rest = bytes(self.buffer[end + 4 :])
-            transport = self.transport
+            transport, slot = self.transport, self.slot
+            assert slot is not None
             transport.pause_reading()
-            self.transport = None  # from here on the connection belongs to the CONNECT task
-            self.server.spawn(self.server.connect(transport, self.client, parsed, rest))
+            # From here on the connection (and its slot) belongs to the CONNECT task.
+            self.transport = self.slot = None
+            self.server.spawn(self.server.connect(transport, slot, self.client, parsed, rest))
             return
         # Anything else is HTTP for aiohttp, which gets the bytes read so far.
-        transport, self.transport = self.transport, None
-        handler = self.server.plain_http()
-        transport.set_protocol(handler)
-        handler.connection_made(transport)
-        handler.data_received(bytes(self.buffer))
+        transport, slot = self.transport, self.slot
+        assert slot is not None
+        self.transport = self.slot = None
+        self.server.plain_http().attach(transport, slot, bytes(self.buffer))
         self.buffer.clear()
 
 
@@ -216,14 +289,15 @@ class ProxyServer:
         self.auth = ProxyAuthenticator(config.users)
         self.destinations = DestinationPolicy(config)
         self._servers: list[asyncio.AbstractServer] = []
-        self._plain: web.Server | None = None
+        self._plain: TrackedServer | None = None
+        self.slots = ConnectionSlots(config.max_connections_per_client, metrics)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._plain = web.Server(
+        self._plain = TrackedServer(
             self._handle_plain, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT
         )
         for address in self.config.listen:
@@ -291,28 +365,37 @@ class ProxyServer:
     async def connect(
         self,
         transport: asyncio.Transport,
+        slot: Slot,
         client: str,
         parsed: tuple[list[str], dict[str, str]] | None,
         rest: bytes,
     ) -> None:
+        handed_over = False
         try:
-            await self._connect(transport, client, parsed, rest)
+            handed_over = await self._connect(transport, slot, client, parsed, rest)
         except (ConnectionError, OSError, ssl.SSLError, TimeoutError) as e:
             log.info("CONNECT from %s ended: %s", client, e)
             transport.abort()
+        finally:
+            if not handed_over:
+                slot.release()
 
     async def _connect(
         self,
         transport: asyncio.Transport,
+        slot: Slot,
         client: str,
         parsed: tuple[list[str], dict[str, str]] | None,
         rest: bytes,
-    ) -> None:
-        def refuse(status: int, message: str, extra: str = "") -> None:
+    ) -> bool:
+        """Serves a CONNECT; True once the connection (and its slot) has a new owner."""
+
+        def refuse(status: int, message: str, extra: str = "") -> bool:
             log.info("CONNECT from %s refused (%d): %s", client, status, message)
             self.metrics.requests.labels("connect", "denied").inc()
             transport.write(_raw_response(status, message, extra))
             transport.close()
+            return False
 
         if parsed is None or len(parsed[0]) != 3 or not parsed[0][2].startswith("HTTP/1."):
             return refuse(
@@ -359,11 +442,11 @@ class ProxyServer:
             transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
             if rest:
                 upstream.write(rest)
-            transport.set_protocol(_Pipe(upstream))  # type: ignore[arg-type]
+            transport.set_protocol(_Pipe(upstream, slot))  # type: ignore[arg-type]
             transport.resume_reading()
             self.metrics.requests.labels("tunnel", "pass").inc()
             log.info("%s tunnel %s:%d", client, host, port)
-            return None
+            return True
         if rest:
             return refuse(400, "data sent before the CONNECT was answered; wait for the 200")
         transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
@@ -382,18 +465,18 @@ class ProxyServer:
                 "TLS handshake with %s for %s failed: %s (does it trust the CA?)", client, host, e
             )
             transport.abort()
-            return None
+            return False
         if tls is None:
             transport.abort()
-            return None
+            return False
         origin = Origin("https", host, port)
-        handler_server = web.Server(
+        handler_server = TrackedServer(
             functools.partial(self._handle_intercepted, origin, client, user),
             access_log=None,
             keepalive_timeout=KEEPALIVE_TIMEOUT,
         )
-        holding.hand_over(tls, handler_server())
-        return None
+        holding.hand_over(tls, handler_server, slot)
+        return True
 
     async def _handle_intercepted(
         self, origin: Origin, client: str, user: ProxyUser | None, request: web.BaseRequest
@@ -412,9 +495,9 @@ class ProxyServer:
 
     # --- plain HTTP: the proxy's pages and absolute-form proxying ------------------------
 
-    def plain_http(self) -> asyncio.Protocol:
+    def plain_http(self) -> TrackedServer:
         assert self._plain is not None
-        return self._plain()  # type: ignore[return-value]
+        return self._plain
 
     async def _handle_plain(self, request: web.BaseRequest) -> web.StreamResponse:
         client = request.remote or "-"
