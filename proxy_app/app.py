@@ -46,7 +46,7 @@ class RegistryCacheApp:
     async def start(self) -> None:
         cfg = self.config
         cfg.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        ca = CertificateAuthority.load_or_create(cfg.ca_dir)
+        ca = CertificateAuthority.load_or_create(cfg.ca_dir, cfg.ca_name_constraints)
         log.info("CA %s (sha256 %s)", cfg.ca_dir / "ca.crt", ca.fingerprint())
         self.store = FilesystemBlobStore(cfg.cache_dir)
         self.index, rebuilt = Index.open_or_rebuild(cfg.cache_dir / "index.sqlite3")

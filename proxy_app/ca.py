@@ -48,10 +48,34 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
+def name_constraints_of(cert: x509.Certificate) -> tuple[str, ...]:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(
+        sorted(str(n.value) for n in ext.permitted_subtrees or () if isinstance(n, x509.DNSName))
+    )
+
+
+def name_permitted(host: str, constraints: tuple[str, ...]) -> bool:
+    """RFC 5280 DNS name constraints: the name itself or any name below it."""
+    if not constraints:
+        return True
+    try:
+        ipaddress.ip_address(host)
+        return False  # a constrained CA excludes every IP address
+    except ValueError:
+        pass
+    host = host.lower().rstrip(".")
+    return any(host == c or host.endswith("." + c.lstrip(".")) for c in constraints)
+
+
 class CertificateAuthority:
     def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
         self.cert = cert
         self.key = key
+        self.name_constraints = name_constraints_of(cert)
         self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         self._leaf_key = ec.generate_private_key(ec.SECP256R1())
         self._leaf_key_pem = self._leaf_key.private_bytes(
@@ -64,25 +88,37 @@ class CertificateAuthority:
     # --- loading ------------------------------------------------------------------------
 
     @classmethod
-    def load_or_create(cls, ca_dir: Path) -> CertificateAuthority:
+    def load_or_create(
+        cls, ca_dir: Path, name_constraints: tuple[str, ...] = ()
+    ) -> CertificateAuthority:
         cert_path, key_path = ca_dir / "ca.crt", ca_dir / "ca.key"
         if cert_path.exists() and key_path.exists():
-            return cls.load(ca_dir)
+            ca = cls.load(ca_dir)
+            if ca.name_constraints != tuple(sorted(name_constraints)):
+                raise CAError(
+                    f"the CA in {ca_dir} permits {list(ca.name_constraints) or 'every name'} but "
+                    f"ca_name_constraints says {list(name_constraints) or 'none'}: run "
+                    "`registry-cache ca rotate` to make a CA with the configured constraints"
+                )
+            return ca
         if cert_path.exists() or key_path.exists():
             raise CAError(
                 f"{ca_dir} holds only one of ca.crt and ca.key; restore the other "
                 "or remove both to make a new CA (clients must then trust the new one)"
             )
         ca_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        ca = cls.create()
-        _write_private(key_path, ca.key_pem(), 0o600)
-        _write_private(cert_path, ca.cert_pem, 0o644)
+        ca = cls.create(name_constraints=name_constraints)
+        ca.save(ca_dir, "ca")
         log.info("created a new CA in %s (fingerprint %s)", ca_dir, ca.fingerprint())
         return ca
 
+    def save(self, ca_dir: Path, stem: str) -> None:
+        _write_private(ca_dir / f"{stem}.key", self.key_pem(), 0o600)
+        _write_private(ca_dir / f"{stem}.crt", self.cert_pem, 0o644)
+
     @classmethod
-    def load(cls, ca_dir: Path) -> CertificateAuthority:
-        cert_path, key_path = ca_dir / "ca.crt", ca_dir / "ca.key"
+    def load(cls, ca_dir: Path, stem: str = "ca") -> CertificateAuthority:
+        cert_path, key_path = ca_dir / f"{stem}.crt", ca_dir / f"{stem}.key"
         mode = key_path.stat().st_mode & 0o777
         if mode & 0o077:
             raise CAError(f"{key_path} is readable by others (mode {mode:o}); chmod 600 it")
@@ -98,7 +134,9 @@ class CertificateAuthority:
         return cls(cert, key)
 
     @classmethod
-    def create(cls, common_name: str | None = None) -> CertificateAuthority:
+    def create(
+        cls, common_name: str | None = None, name_constraints: tuple[str, ...] = ()
+    ) -> CertificateAuthority:
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name(
             [
@@ -111,9 +149,21 @@ class CertificateAuthority:
         )
         now = datetime.datetime.now(datetime.UTC)
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        builder = x509.CertificateBuilder()
+        if name_constraints:
+            # A stolen key can then sign only for these registries, and for no IP address.
+            builder = builder.add_extension(
+                x509.NameConstraints(
+                    permitted_subtrees=[x509.DNSName(n) for n in sorted(name_constraints)],
+                    excluded_subtrees=[
+                        x509.IPAddress(ipaddress.ip_network("0.0.0.0/0")),
+                        x509.IPAddress(ipaddress.ip_network("::/0")),
+                    ],
+                ),
+                critical=True,
+            )
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
+            builder.subject_name(name)
             .issuer_name(name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -177,6 +227,9 @@ class CertificateAuthority:
             .sign(self.key, hashes.SHA256())
         )
 
+    def permits(self, host: str) -> bool:
+        return name_permitted(host, self.name_constraints)
+
     def server_context(self, host: str) -> ssl.SSLContext:
         """An SSL context presenting a leaf for `host`, cached (LRU) per host."""
         host = host.lower()
@@ -200,3 +253,57 @@ class CertificateAuthority:
         if len(self._contexts) > LEAF_CACHE_SIZE:
             self._contexts.popitem(last=False)
         return ctx
+
+
+# --- rotation -----------------------------------------------------------------------------
+# stage: a new CA is made as next.*; clients are given it to trust beside the current one.
+# activate: current -> previous.*, next -> ca.*; the proxy (restarted) signs with the new CA.
+# finish: previous.* removed, once no client needs it.
+
+
+def rotation_state(ca_dir: Path) -> dict[str, str | None]:
+    state: dict[str, str | None] = {}
+    for stem in ("previous", "ca", "next"):
+        path = ca_dir / f"{stem}.crt"
+        state[stem] = (
+            x509.load_pem_x509_certificate(path.read_bytes()).fingerprint(hashes.SHA256()).hex(":")
+            if path.exists()
+            else None
+        )
+    return state
+
+
+def trust_bundle(ca_dir: Path) -> bytes:
+    """Every CA certificate a client should trust now: current, next and previous."""
+    return b"".join(
+        (ca_dir / f"{stem}.crt").read_bytes()
+        for stem in ("ca", "next", "previous")
+        if (ca_dir / f"{stem}.crt").exists()
+    )
+
+
+def rotate_stage(ca_dir: Path, name_constraints: tuple[str, ...] = ()) -> CertificateAuthority:
+    if (ca_dir / "next.crt").exists():
+        return CertificateAuthority.load(ca_dir, "next")
+    ca = CertificateAuthority.create(name_constraints=name_constraints)
+    ca.save(ca_dir, "next")
+    return ca
+
+
+def rotate_activate(ca_dir: Path) -> None:
+    if not (ca_dir / "next.crt").exists():
+        raise CAError("no staged CA (next.crt): run `registry-cache ca rotate --stage` first")
+    for suffix in ("crt", "key"):
+        os.replace(ca_dir / f"ca.{suffix}", ca_dir / f"previous.{suffix}")
+    for suffix in ("crt", "key"):
+        os.replace(ca_dir / f"next.{suffix}", ca_dir / f"ca.{suffix}")
+
+
+def rotate_finish(ca_dir: Path) -> bool:
+    removed = False
+    for suffix in ("crt", "key"):
+        path = ca_dir / f"previous.{suffix}"
+        if path.exists():
+            path.unlink()
+            removed = True
+    return removed

@@ -153,6 +153,33 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ca(args: argparse.Namespace) -> int:
+    from .ca import CAError, rotate_activate, rotate_finish, rotate_stage, rotation_state
+
+    config = _load(args)
+    ca_dir = config.ca_dir
+    if args.rotate and args.action == "show":
+        args.action = "stage"
+    try:
+        if args.action == "stage":
+            staged = rotate_stage(ca_dir, config.ca_name_constraints)
+            print(f"staged a new CA as {ca_dir / 'next.crt'} (sha256 {staged.fingerprint()}).")
+            print("Make every client trust it (ca-bundle.crt), then run `ca rotate --activate`.")
+        elif args.action == "activate":
+            rotate_activate(ca_dir)
+            print("the staged CA is now current; restart the proxy to sign with it.")
+            print("Once no client needs the old CA, run `ca rotate --finish`.")
+        elif args.action == "finish":
+            print("removed the previous CA" if rotate_finish(ca_dir) else "no previous CA")
+        else:
+            for stem, fingerprint in rotation_state(ca_dir).items():
+                print(f"{stem:9} {fingerprint or '-'}")
+    except (CAError, OSError) as e:
+        print(f"registry-cache ca: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_hash_password(args: argparse.Namespace) -> int:
     from .proxy_auth import hash_password
 
@@ -195,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--platform", help="only this platform of a multi-platform image (linux/amd64)")
     pf.add_argument("--proxy", help="proxy URL (default: the first listen address)")
     pf.set_defaults(func=cmd_prefetch)
+    ca = add("ca", "show the CA, or rotate it across a fleet in three steps")
+    ca.add_argument("rotate", nargs="?", choices=["rotate"], help="rotate the CA")
+    steps = ca.add_mutually_exclusive_group()
+    for step in ("stage", "activate", "finish"):
+        steps.add_argument(f"--{step}", dest="action", action="store_const", const=step)
+    ca.set_defaults(func=cmd_ca, action="show")
     hp = sub.add_parser(
         "hash-password",
         help="read a password (prompt or stdin) and print the hash for a `users` entry",

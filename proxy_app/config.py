@@ -91,6 +91,7 @@ class Config:
     log_format: str = "text"
     log_level: str = "info"
     max_connections_per_client: int = 256
+    ca_name_constraints: tuple[str, ...] = ()
     # True when `listen` was not configured: a missing IPv6 stack then is not an error.
     listen_is_default: bool = True
 
@@ -256,6 +257,16 @@ def parse_users(value: Any) -> tuple[ProxyUser, ...]:
     return tuple(users)
 
 
+def parse_dns_names(value: Any) -> tuple[str, ...]:
+    names = _string_list(value)
+    for name in names:
+        if not re.fullmatch(
+            r"\.?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", name
+        ):
+            raise ConfigError(f"{name!r} is not a DNS name (e.g. docker.io, ghcr.io)")
+    return tuple(sorted(n.lower() for n in names))
+
+
 def parse_count(value: Any, minimum: int = 0) -> int:
     if isinstance(value, bool) or not str(value).strip().isdigit():
         raise ConfigError(f"{value!r} is not a whole number")
@@ -312,6 +323,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "log_format": parse_choice("text", "json"),
     "log_level": parse_choice("debug", "info", "warning", "error"),
     "max_connections_per_client": lambda v: parse_count(v, minimum=1),
+    "ca_name_constraints": lambda v: parse_dns_names(v),
 }
 
 # Keys whose environment value is YAML rather than a plain string (lists of mappings).

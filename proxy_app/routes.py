@@ -47,6 +47,7 @@ class BadRoute(Exception):
         self.message = message
 
 
+_NAMED = re.compile(r"/v2/(?P<name>.+?)/(?:tags/list|blobs/uploads|referrers)(?:/.*)?")
 _ROUTE = re.compile(r"/v2/(?P<name>.+)/(?P<what>blobs|manifests)/(?P<ref>[^/]+)")
 
 
@@ -65,7 +66,10 @@ def parse_route(raw_path: str) -> Route:
         raise BadRoute("NAME_INVALID", "'.' and '..' path segments are not allowed")
     m = _ROUTE.fullmatch(path)
     if m is None or m.group("name").startswith("_") or "/blobs/uploads" in path:
-        return Route(RouteKind.OTHER)
+        # Still name the repository (tag lists, uploads, referrers) for per-user access checks.
+        named = _NAMED.fullmatch(path)
+        name = named.group("name") if named and NAME.fullmatch(named.group("name")) else ""
+        return Route(RouteKind.OTHER, name)
     name, what, ref = m.group("name"), m.group("what"), m.group("ref")
     if "%" in name or len(name) > MAX_NAME_LENGTH or not NAME.fullmatch(name):
         raise BadRoute(

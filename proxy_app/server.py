@@ -25,7 +25,7 @@ from aiohttp import web
 from yarl import URL
 
 from . import __version__
-from .ca import CertificateAuthority
+from .ca import CertificateAuthority, trust_bundle
 from .config import Config, ProxyUser
 from .destinations import DestinationPolicy, DestinationRefused, host_matches
 from .exchange import Exchange
@@ -424,6 +424,8 @@ class ProxyServer:
         disposition = self.disposition(host, port)
         if disposition is None:
             return refuse(403, f"{host}:{port} is neither in intercept nor in passthrough")
+        if disposition == "intercept" and not self.ca.permits(host):
+            return refuse(403, f"{host} is outside the CA's name constraints (ca_name_constraints)")
         loop = asyncio.get_running_loop()
         try:
             addresses = await asyncio.wait_for(self.destinations.resolve(host, port), timeout=30)
@@ -575,6 +577,10 @@ class ProxyServer:
                     "Content-Disposition": 'attachment; filename="registry-cache-ca.crt"',
                 },
             )
+        if path == "/ca-bundle.crt":
+            # During a CA rotation: the current CA and the staged or previous one.
+            bundle = trust_bundle(self.config.ca_dir)
+            return web.Response(body=bundle, content_type="application/x-pem-file", headers=headers)
         if path == "/healthz":
             healthy, details = await self.health()
             return web.Response(

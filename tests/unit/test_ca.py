@@ -52,3 +52,30 @@ def test_leaf_verifies_for_its_host_only(tmp_path: Path) -> None:
     with pytest.raises(ssl.SSLCertVerificationError):
         handshake(ca, cafile, "quay.io", "ghcr.io")
     assert ca.server_context("ghcr.io") is ca.server_context("GHCR.io")  # cached per host
+
+
+def test_name_constraints_bind_what_the_ca_can_sign(tmp_path: Path) -> None:
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca", ("docker.io", "ghcr.io"))
+    cafile = tmp_path / "ca" / "ca.crt"
+    assert ca.permits("registry-1.docker.io") and ca.permits("ghcr.io")
+    assert not ca.permits("quay.io") and not ca.permits("10.0.0.1")
+    handshake(ca, cafile, "registry-1.docker.io", "registry-1.docker.io")
+    # Even a leaf the key did sign for another name is rejected by the client's TLS check.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(ca, cafile, "quay.io", "quay.io")
+    with pytest.raises(CAError, match="ca rotate"):
+        CertificateAuthority.load_or_create(tmp_path / "ca", ("quay.io",))
+
+
+def test_rotation_keeps_old_and_new_trusted_until_finished(tmp_path: Path) -> None:
+    from proxy_app.ca import rotate_activate, rotate_finish, rotate_stage, trust_bundle
+
+    ca_dir = tmp_path / "ca"
+    old = CertificateAuthority.load_or_create(ca_dir)
+    new = rotate_stage(ca_dir)
+    assert trust_bundle(ca_dir).count(b"BEGIN CERTIFICATE") == 2
+    rotate_activate(ca_dir)
+    assert CertificateAuthority.load(ca_dir).fingerprint() == new.fingerprint()
+    assert CertificateAuthority.load(ca_dir, "previous").fingerprint() == old.fingerprint()
+    assert rotate_finish(ca_dir)
+    assert trust_bundle(ca_dir).count(b"BEGIN CERTIFICATE") == 1

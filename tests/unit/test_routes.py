@@ -48,3 +48,9 @@ def test_bad_routes_are_refused(path: str, code: str) -> None:
     with pytest.raises(BadRoute) as err:
         parse_route(path)
     assert err.value.code == code
+
+
+def test_other_routes_still_name_their_repository() -> None:
+    assert parse_route("/v2/org/app/tags/list?n=5").name == "org/app"
+    assert parse_route("/v2/org/app/blobs/uploads/abc").name == "org/app"
+    assert parse_route("/v2/").name == ""
