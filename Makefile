@@ -40,6 +40,7 @@ run: venv
 lint: venv
 	$(BIN)/ruff check proxy_app tests scripts molecule
 	$(BIN)/ruff format --check proxy_app tests scripts molecule
+	$(BIN)/mypy proxy_app
 	$(BIN)/yamllint -s .
 	$(BIN)/ansible-lint --profile production
 

@@ -16,6 +16,7 @@ import socket
 import ssl
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -46,6 +47,14 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
     os.chmod(tmp, mode)
     os.replace(tmp, path)
+
+
+def _public_der(key: Any) -> bytes:
+    return bytes(
+        key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
 
 
 def name_constraints_of(cert: x509.Certificate) -> tuple[str, ...]:
@@ -129,7 +138,7 @@ class CertificateAuthority:
             raise CAError(f"cannot load the CA from {ca_dir}: {e}") from e
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise CAError(f"{key_path} is not an EC private key")
-        if cert.public_key().public_numbers() != key.public_key().public_numbers():
+        if _public_der(cert.public_key()) != _public_der(key.public_key()):
             raise CAError(f"{cert_path} and {key_path} do not belong together")
         return cls(cert, key)
 

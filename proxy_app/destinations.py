@@ -14,9 +14,8 @@ import fnmatch
 import ipaddress
 import re
 import socket
-from typing import Any
 
-from aiohttp.abc import AbstractResolver
+from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
 from .config import Config
@@ -101,12 +100,12 @@ class GuardedResolver(AbstractResolver):
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[dict[str, Any]]:
+    ) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
         reason = self._policy.refusal(host, port, [r["host"] for r in results])
         if reason:
             raise DestinationRefused(reason)
-        return results  # type: ignore[return-value]
+        return results
 
     async def close(self) -> None:
         await self._inner.close()

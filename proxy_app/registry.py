@@ -244,11 +244,12 @@ class RegistryProxy:
             # Upstream refused someone else's request (their token, say): ask with ours.
         return await self._send_inflight(request, origin, route.name, fetch, ex)
 
-    async def _send_stored(
-        self, request: web.BaseRequest, digest: str, size: int, ex: Exchange
-    ) -> web.StreamResponse:
-        byte_range = parse_range(request.headers.get("Range"), size)
-        if byte_range is False:
+    def _requested_range(
+        self, request: web.BaseRequest, size: int, ex: Exchange
+    ) -> tuple[int, int] | web.Response | None:
+        """The one byte range asked for, None for the whole blob, or the 416 answer."""
+        parsed = parse_range(request.headers.get("Range"), size)
+        if parsed is False:
             return error_response(
                 416,
                 "RANGE_INVALID",
@@ -256,6 +257,14 @@ class RegistryProxy:
                 ex.result,
                 headers={"Content-Range": f"bytes */{size}"},
             )
+        return parsed
+
+    async def _send_stored(
+        self, request: web.BaseRequest, digest: str, size: int, ex: Exchange
+    ) -> web.StreamResponse:
+        byte_range = self._requested_range(request, size, ex)
+        if isinstance(byte_range, web.Response):
+            return byte_range
         try:
             reader = self.store.open(digest)
         except FileNotFoundError:  # evicted between the size check and now
@@ -268,7 +277,7 @@ class RegistryProxy:
                 reader,
                 headers=self._blob_headers(digest, ex.result),
                 size=size,
-                byte_range=byte_range or None,
+                byte_range=byte_range,
                 executor=self.executor,
                 on_prepared=ex.prepared,
             )
@@ -281,18 +290,12 @@ class RegistryProxy:
     async def _send_inflight(
         self, request: web.BaseRequest, origin: Origin, name: str, fetch: BlobFetch, ex: Exchange
     ) -> web.StreamResponse:
-        byte_range: tuple[int, int] | None = None
+        byte_range = None
         if fetch.size is not None:
-            parsed = parse_range(request.headers.get("Range"), fetch.size)
-            if parsed is False:
-                return error_response(
-                    416,
-                    "RANGE_INVALID",
-                    f"range not satisfiable for {fetch.size} bytes",
-                    ex.result,
-                    headers={"Content-Range": f"bytes */{fetch.size}"},
-                )
-            byte_range = parsed or None
+            requested = self._requested_range(request, fetch.size, ex)
+            if isinstance(requested, web.Response):
+                return requested
+            byte_range = requested
         reader = fetch.open_reader(self.store)
         self.maintenance.pin(fetch.digest)
         try:

@@ -10,7 +10,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from aiohttp import web
@@ -40,7 +40,7 @@ def error_response(
     )
 
 
-def parse_range(header: str | None, size: int) -> tuple[int, int] | bool | None:
+def parse_range(header: str | None, size: int) -> tuple[int, int] | Literal[False] | None:
     """(start, end exclusive) for one satisfiable byte range, None for none or several
     (the whole body is sent), False when unsatisfiable (416)."""
     if not header:
@@ -114,7 +114,7 @@ async def stream_blob(
     status = 206 if byte_range else 200
     response = web.StreamResponse(status=status, headers=headers)
     response.headers["Accept-Ranges"] = "bytes"
-    if byte_range and size is not None:
+    if byte_range and size is not None and end is not None:
         response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     if end is not None:
         response.content_length = end - start

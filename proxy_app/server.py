@@ -288,7 +288,7 @@ class ProxyServer:
         self.health = health
         self.auth = ProxyAuthenticator(config.users)
         self.destinations = DestinationPolicy(config)
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[asyncio.Server] = []
         self._plain: TrackedServer | None = None
         self.slots = ConnectionSlots(config.max_connections_per_client, metrics)
         self._tasks: set[asyncio.Task[None]] = set()
