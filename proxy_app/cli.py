@@ -13,6 +13,8 @@ from pathlib import Path
 
 from . import __version__
 from .config import Config, ConfigError, load_config
+from .index import Index
+from .store_maintenance import StoreMaintenance
 
 DEFAULT_CONFIG = Path("/etc/registry-cache/config.yml")
 
@@ -68,11 +70,9 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _open_store(config: Config):  # type: ignore[no-untyped-def]
+def _open_store(config: Config) -> tuple[Index, StoreMaintenance]:
     from .blobs import FilesystemBlobStore
-    from .index import Index
     from .metrics import Metrics
-    from .store_maintenance import StoreMaintenance
 
     index_path = config.cache_dir / "index.sqlite3"
     if not index_path.exists():

@@ -444,7 +444,7 @@ class ProxyServer:
             transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
             if rest:
                 upstream.write(rest)
-            transport.set_protocol(_Pipe(upstream, slot))  # type: ignore[arg-type]
+            transport.set_protocol(_Pipe(upstream, slot))
             transport.resume_reading()
             self.metrics.requests.labels("tunnel", "pass").inc()
             log.info("%s tunnel %s:%d", client, host, port)
