@@ -92,6 +92,7 @@ class Config:
     log_level: str = "info"
     max_connections_per_client: int = 256
     ca_name_constraints: tuple[str, ...] = ()
+    head_timeout: float = 30.0
     # True when `listen` was not configured: a missing IPv6 stack then is not an error.
     listen_is_default: bool = True
 
@@ -324,6 +325,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "log_level": parse_choice("debug", "info", "warning", "error"),
     "max_connections_per_client": lambda v: parse_count(v, minimum=1),
     "ca_name_constraints": lambda v: parse_dns_names(v),
+    "head_timeout": parse_duration,
 }
 
 # Keys whose environment value is YAML rather than a plain string (lists of mappings).

@@ -38,7 +38,6 @@ from .upstream import Origin
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 16 << 10  # a CONNECT head is a few hundred bytes; this bounds a hostile one
-HEAD_TIMEOUT = 30.0  # seconds for a new connection to send its first request head
 TLS_HANDSHAKE_TIMEOUT = 30.0
 KEEPALIVE_TIMEOUT = 75.0
 _CONNECT_TARGET = re.compile(
@@ -220,7 +219,9 @@ class ClientConnection(asyncio.Protocol):
                 429, f"too many connections from {self.client} (max_connections_per_client)"
             )
             return
-        self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self._head_timeout)
+        self._timer = asyncio.get_running_loop().call_later(
+            self.server.config.head_timeout, self._head_timeout
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
@@ -233,7 +234,9 @@ class ClientConnection(asyncio.Protocol):
             self._timer = None
 
     def _head_timeout(self) -> None:
-        self._refuse(408, "no complete request head within 30 seconds")
+        self._refuse(
+            408, f"no complete request head within {self.server.config.head_timeout:g} seconds"
+        )
 
     def _refuse(self, status: int, message: str, extra: str = "") -> None:
         self._cancel_timer()
