@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .blobs import BlobStore, DigestMismatch
+from .blobs import BlobReader, BlobStore, DigestMismatch
 from .config import Config, ProxyUser
 from .exchange import Exchange
 from .index import Index
@@ -217,9 +217,14 @@ class RegistryProxy:
         digest = route.reference
         size = self.store.size(digest)
         if size is not None:
-            ex.result = "HIT"
-            self.index.touch(digest)
-            return await self._send_stored(request, digest, size, ex)
+            try:
+                reader = self.store.open(digest)
+            except FileNotFoundError:
+                pass  # evicted a moment ago: fetch it again
+            else:
+                ex.result = "HIT"
+                self.index.touch(digest)
+                return await self._send_stored(request, digest, size, reader, ex)
         if request.method == "HEAD":
             return await self.pass_through(request, origin, ex, result="MISS")
         ex.result = "MISS"
@@ -260,16 +265,12 @@ class RegistryProxy:
         return parsed
 
     async def _send_stored(
-        self, request: web.BaseRequest, digest: str, size: int, ex: Exchange
+        self, request: web.BaseRequest, digest: str, size: int, reader: BlobReader, ex: Exchange
     ) -> web.StreamResponse:
         byte_range = self._requested_range(request, size, ex)
         if isinstance(byte_range, web.Response):
+            reader.close()
             return byte_range
-        try:
-            reader = self.store.open(digest)
-        except FileNotFoundError:  # evicted between the size check and now
-            ex.result = "MISS"
-            raise FetchFailed("blob was removed while being served; retry") from None
         self.maintenance.pin(digest)
         try:
             response, ex.sent = await stream_blob(
