@@ -17,6 +17,7 @@ from . import __version__
 from .blobs import FilesystemBlobStore
 from .ca import CertificateAuthority
 from .config import Config
+from .context import CacheContext
 from .index import Index
 from .metrics import Metrics
 from .registry import RegistryProxy
@@ -54,13 +55,15 @@ class RegistryCacheApp:
         self.maintenance.reconcile(rebuilt)
         await self.upstream.start()
         self.registry = RegistryProxy(
-            cfg,
-            self.store,
-            self.index,
-            self.upstream,
-            self.metrics,
-            self.executor,
-            self.maintenance,
+            CacheContext(
+                cfg,
+                self.store,
+                self.index,
+                self.upstream,
+                self.metrics,
+                self.executor,
+                self.maintenance,
+            )
         )
         self.server = ProxyServer(cfg, ca, self.registry, self.metrics, self.health)
         await self.server.start()

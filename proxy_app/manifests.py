@@ -14,20 +14,16 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import Executor
 
 import aiohttp
 from aiohttp import web
 
-from .blobs import BlobStore
-from .config import Config
+from .context import CacheContext
 from .exchange import Exchange
-from .index import Index, TagEntry
-from .metrics import Metrics
+from .index import TagEntry
 from .responses import API_VERSION, CACHE_HEADER, error_response, relay
 from .routes import Route
-from .upstream import UPSTREAM_ERRORS, Origin, Upstream
+from .upstream import UPSTREAM_ERRORS, Origin
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +52,14 @@ def _upstream_failed(status: int) -> bool:
 
 
 class ManifestCache:
-    def __init__(
-        self,
-        config: Config,
-        store: BlobStore,
-        index: Index,
-        upstream: Upstream,
-        metrics: Metrics,
-        executor: Executor,
-        on_store_error: Callable[[OSError], None],
-    ) -> None:
-        self.on_store_error = on_store_error
-        self.config = config
-        self.store = store
-        self.index = index
-        self.upstream = upstream
-        self.metrics = metrics
-        self.executor = executor
+    def __init__(self, ctx: CacheContext) -> None:
+        self.config = ctx.config
+        self.store = ctx.store
+        self.index = ctx.index
+        self.upstream = ctx.upstream
+        self.metrics = ctx.metrics
+        self.executor = ctx.executor
+        self.on_store_error = ctx.maintenance.store_failed
 
     # --- answers ------------------------------------------------------------------------
 

@@ -12,19 +12,17 @@ import asyncio
 import functools
 import logging
 from collections.abc import Coroutine, Mapping
-from concurrent.futures import Executor
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from .blobs import BlobReader, BlobStore, DigestMismatch
-from .config import Config, ProxyUser
+from .blobs import BlobReader, DigestMismatch
+from .config import ProxyUser
+from .context import CacheContext
 from .exchange import Exchange
-from .index import Index
 from .inflight import BlobFetch, FetchFailed, InflightFetches, StoreUnavailable
 from .manifests import ManifestCache
-from .metrics import Metrics
 from .proxy_auth import may_access
 from .responses import (
     API_VERSION,
@@ -36,8 +34,7 @@ from .responses import (
     stream_blob,
 )
 from .routes import PUSH_METHODS, BadRoute, Route, RouteKind, parse_route
-from .store_maintenance import StoreMaintenance
-from .upstream import UPSTREAM_ERRORS, Origin, Upstream
+from .upstream import UPSTREAM_ERRORS, Origin
 
 log = logging.getLogger(__name__)
 
@@ -55,27 +52,16 @@ def describe(error: BaseException) -> str:
 
 
 class RegistryProxy:
-    def __init__(
-        self,
-        config: Config,
-        store: BlobStore,
-        index: Index,
-        upstream: Upstream,
-        metrics: Metrics,
-        executor: Executor,
-        maintenance: StoreMaintenance,
-    ) -> None:
-        self.config = config
-        self.maintenance = maintenance
-        self.store = store
-        self.index = index
-        self.upstream = upstream
-        self.metrics = metrics
-        self.executor = executor
-        self.inflight = InflightFetches(on_change=metrics.inflight.set)
-        self.manifests = ManifestCache(
-            config, store, index, upstream, metrics, executor, maintenance.store_failed
-        )
+    def __init__(self, ctx: CacheContext) -> None:
+        self.config = ctx.config
+        self.maintenance = ctx.maintenance
+        self.store = ctx.store
+        self.index = ctx.index
+        self.upstream = ctx.upstream
+        self.metrics = ctx.metrics
+        self.executor = ctx.executor
+        self.inflight = InflightFetches(on_change=ctx.metrics.inflight.set)
+        self.manifests = ManifestCache(ctx)
         self._tasks: set[asyncio.Task[None]] = set()
         # hit/miss counts not yet added to the index (flushed by the app's housekeeping)
         self.pending_stats: dict[str, int] = {}
@@ -91,22 +77,15 @@ class RegistryProxy:
         except BadRoute as e:
             ex.result = "PASS"
             response = error_response(400, e.code, e.message)
-        except FetchFailed as e:
+        except (FetchFailed, *UPSTREAM_ERRORS) as e:
+            if isinstance(e, FetchFailed):
+                message = f"fetching from {origin.netloc} failed: {describe(e)}"
+            else:
+                self.metrics.upstream_errors.inc()
+                message = f"upstream registry {origin.netloc} cannot be reached: {describe(e)}"
             ex.note = describe(e)
             response = self._cut(request, ex) or error_response(
-                502,
-                "UNAVAILABLE",
-                f"fetching from {origin.netloc} failed: {describe(e)}",
-                ex.result,
-            )
-        except UPSTREAM_ERRORS as e:
-            self.metrics.upstream_errors.inc()
-            ex.note = describe(e)
-            response = self._cut(request, ex) or error_response(
-                502,
-                "UNAVAILABLE",
-                f"upstream registry {origin.netloc} cannot be reached: {describe(e)}",
-                ex.result,
+                502, "UNAVAILABLE", message, ex.result
             )
         except (ConnectionError, asyncio.CancelledError):
             raise  # the client went away: nothing to answer
