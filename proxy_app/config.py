@@ -175,10 +175,15 @@ def parse_auth_registries(value: Any) -> dict[str, Credentials]:
         return {}
     if isinstance(value, str):
         for i, item in enumerate(value.split(), start=1):
-            parts = item.split(":", 2)
+            parts = item.split(":", 3)
+            if len(parts) == 4 and parts[1].isdigit():
+                # host:port:username:password (a registry on another port than 443)
+                parts = [f"{parts[0]}:{parts[1]}", parts[2], parts[3]]
+            else:
+                parts = item.split(":", 2)
             if len(parts) != 3 or not all(parts):
                 raise ConfigError(
-                    f"entry {i} is not host:username:password "
+                    f"entry {i} is not host[:port]:username:password "
                     "(entries are separated by spaces; the password may contain ':')"
                 )
             entries.append((parts[0], parts[1], parts[2]))

@@ -92,3 +92,12 @@ def test_list_form_of_auth_registries(tmp_path: Path) -> None:
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "nope.yml", environ={})
+
+
+def test_string_form_takes_a_port() -> None:
+    from proxy_app.config import parse_auth_registries
+
+    creds = parse_auth_registries("registry.local:5000:ci:pa:ss ghcr.io:me:tok")
+    assert creds["registry.local:5000"].username == "ci"
+    assert creds["registry.local:5000"].password == "pa:ss"
+    assert creds["ghcr.io"].password == "tok"
