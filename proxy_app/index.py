@@ -173,6 +173,12 @@ class Index:
             (host, name, tag, variant, digest, media_type, time.time()),
         )
 
+    def knows_host(self, host: str) -> bool:
+        return (
+            self._db.execute("SELECT 1 FROM tags WHERE host=? LIMIT 1", (host,)).fetchone()
+            is not None
+        )
+
     def drop_tag(self, host: str, name: str, tag: str, variant: str) -> None:
         self._db.execute(
             "DELETE FROM tags WHERE host=? AND name=? AND tag=? AND variant=?",

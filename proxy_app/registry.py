@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import ssl
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
@@ -163,10 +164,15 @@ class RegistryProxy:
             upstream = await self.upstream.request(
                 request.method, origin, ex.path, request.headers, data=body
             )
-        except UPSTREAM_ERRORS:
-            if request.method == "GET" and ex.path in ("/v2/", "/v2"):
-                # Registry down: answer the API ping ourselves so that clients go on to
-                # the manifests and blobs the cache can still serve.
+        except UPSTREAM_ERRORS as e:
+            if (
+                request.method == "GET"
+                and ex.path in ("/v2/", "/v2")
+                and not isinstance(e, ssl.SSLError)
+                and self.index.knows_host(origin.netloc)
+            ):
+                # A registry we hold tags of is down: answer the API ping ourselves so that
+                # clients go on to the manifests and blobs the cache can still serve.
                 ex.result, ex.note = "STALE", "upstream unreachable, ping answered locally"
                 self.metrics.upstream_errors.inc()
                 return web.json_response({}, headers={CACHE_HEADER: "STALE", **API_VERSION})

@@ -48,8 +48,10 @@ class Registry:
         port: int | None = None,
         proxy_remote: str | None = None,
         env: dict[str, str] | None = None,
+        tls: bool = True,
     ) -> None:
         self.dir = workdir
+        self.tls = tls
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hostname = hostname
         self.port = port or free_port()
@@ -72,6 +74,8 @@ class Registry:
                 "tls": {"certificate": str(cert.cert_path), "key": str(cert.key_path)},
             },
         }
+        if not tls:  # a plain-HTTP registry, reached by absolute-form requests
+            del config["http"]["tls"]
         if htpasswd:
             user, password = htpasswd
             line = subprocess.run(
