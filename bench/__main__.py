@@ -60,12 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(os.environ.get("BENCH_CACHE", DEFAULT_CACHE)),
         help="where the generated image and upstream storage are kept between runs",
     )
+    ap.add_argument(
+        "--layer-mb", type=int, help="layer size in MB instead of the mode's (100, quick 10)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
     ap.add_argument(
         "--no-write", action="store_true", help="do not write docs/BENCHMARKS.md (full mode)"
     )
     args = ap.parse_args(argv)
-    mode = QUICK if args.quick else FULL
+    mode = dict(QUICK if args.quick else FULL)
+    if args.layer_mb:
+        mode["layer_size"] = args.layer_mb * 1_000_000
     p: Params = mode["params"]  # type: ignore[assignment]
     wanted = args.only or list(FIGURES)
     signal.signal(signal.SIGTERM, _terminate)
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = raw_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{meta['mode']}.json"
     raw.write_text(json.dumps({"meta": meta, "machine": mach, "results": results}, indent=1))
     print(f"raw results: {raw.relative_to(REPO_ROOT)}")
-    if not args.quick and not args.no_write and not args.only:
+    if not args.quick and not args.no_write and not args.only and not args.layer_mb:
         doc = REPO_ROOT / "docs" / "BENCHMARKS.md"
         doc.write_text(report.markdown(rows, results, mach, meta))
         print(f"written: {doc.relative_to(REPO_ROOT)}")
