@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from support.client import ProtocolError, Response, read_response
+from support.client import _read_head as read_head
 from support.proxy import REPO_ROOT, Proxy, proxy_python
 
 EVIL = "rc-sec-evil-5d2a"  # a name any escape from cache_dir would leave behind
@@ -61,7 +62,14 @@ async def aexchange(
         writer.write(data)
         await writer.drain()
         async with asyncio.timeout(timeout):
-            return await read_response(reader, method)
+            if not data.startswith(b"CONNECT "):
+                return await read_response(reader, method)
+            # A CONNECT's 200 has no body: the tunnel follows. Refusals carry a length.
+            status, reason, headers = await read_head(reader)
+            body = b""
+            if status != 200:
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+            return Response(status, reason, headers, body)
     except (ProtocolError, OSError, asyncio.IncompleteReadError, TimeoutError) as e:
         return Response(0, complete=False, error=f"no HTTP response: {type(e).__name__}: {e}")
     finally:
