@@ -117,6 +117,8 @@ class LeafServer:
                     tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept()
         self.sock.close()
         self.thread.join(5)
 
