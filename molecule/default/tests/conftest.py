@@ -87,8 +87,14 @@ def metrics(cache: Host) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 
 def requests_total(cache: Host, kind: str, result: str) -> float:
-    key = ("registry_cache_requests_total", frozenset({("kind", kind), ("result", result)}))
-    return metrics(cache).get(key, 0.0)
+    """registry_cache_requests_total{kind, result} (result compared without case)."""
+    return sum(
+        value
+        for (name, labels), value in metrics(cache).items()
+        if name == "registry_cache_requests_total"
+        and dict(labels).get("kind") == kind
+        and dict(labels).get("result", "").lower() == result.lower()
+    )
 
 
 @dataclass
