@@ -164,6 +164,14 @@ class Index:
         ).fetchone()
         return TagEntry(*row) if row else None
 
+    def tag_variants(self, host: str, name: str, tag: str) -> dict[str, TagEntry]:
+        rows = self._db.execute(
+            "SELECT variant, digest, media_type, checked_at FROM tags "
+            "WHERE host=? AND name=? AND tag=?",
+            (host, name, tag),
+        ).fetchall()
+        return {row[0]: TagEntry(*row[1:]) for row in rows}
+
     def set_tag(
         self, host: str, name: str, tag: str, variant: str, digest: str, media_type: str
     ) -> None:

@@ -177,13 +177,9 @@ class ManifestCache:
     async def by_tag(
         self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
     ) -> web.StreamResponse:
-        key = (
-            origin.netloc,
-            route.name,
-            route.reference,
-            accept_variant(request.headers.getall("Accept", [])),
-        )
-        entry = self.index.tag(*key)
+        variant = accept_variant(request.headers.getall("Accept", []))
+        key = (origin.netloc, route.name, route.reference, variant)
+        entry = self._tag_entry(key, variant)
         cached = self._cached_body(entry.digest) if entry else None
         age = time.time() - entry.checked_at if entry else 0.0
         stale_ok = cached is not None and age < self.config.stale_if_error
@@ -229,6 +225,20 @@ class ManifestCache:
         if await self._store(digest, body, media_type):
             self.index.set_tag(*key, digest, media_type)
         return self._answer(request, body, media_type, digest, ex)
+
+    def _tag_entry(self, key: tuple[str, str, str, str], variant: str) -> TagEntry | None:
+        """The cached answer for this tag that fits the client's Accept list.
+
+        A registry returns a tag's stored manifest as it is whenever the client accepts its
+        media type, and converts or picks another only when it does not. So an answer that
+        another client got (a `prefetch`, another Docker version) is the right one for this
+        client too when its media type is among those this client accepts."""
+        variants = self.index.tag_variants(*key[:3])
+        if variant in variants:
+            return variants[variant]
+        accepted = set(variant.split(",")) if variant else set()
+        fitting = [e for e in variants.values() if e.media_type in accepted]
+        return max(fitting, key=lambda e: e.checked_at, default=None)
 
     async def _revalidate(
         self,

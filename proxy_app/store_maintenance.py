@@ -5,6 +5,7 @@ a blob in place while a client reads it."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections import Counter
@@ -26,6 +27,32 @@ def file_digest(store: FilesystemBlobStore, digest: str) -> str:
         while chunk := f.read(VERIFY_CHUNK):
             h.update(chunk)
     return "sha256:" + h.hexdigest()
+
+
+MANIFEST_SNIFF_LIMIT = 4 << 20
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def sniff_manifest_type(store: FilesystemBlobStore, digest: str, size: int) -> str | None:
+    """The media type of a stored manifest whose index entry was lost (None for layers and
+    configs), so that manifests stay servable after the index is rebuilt."""
+    if size > MANIFEST_SNIFF_LIMIT:
+        return None
+    try:
+        document = json.loads(store.path(digest).read_bytes())
+    except (ValueError, OSError):
+        return None
+    if not isinstance(document, dict) or document.get("schemaVersion") != 2:
+        return None
+    media_type = document.get("mediaType")
+    if isinstance(media_type, str) and "manifest" in media_type:
+        return media_type
+    if isinstance(document.get("manifests"), list):
+        return OCI_INDEX
+    if isinstance(document.get("layers"), list) and isinstance(document.get("config"), dict):
+        return OCI_MANIFEST
+    return None
 
 
 class StoreMaintenance:
@@ -55,7 +82,8 @@ class StoreMaintenance:
         for digest in on_disk.keys() - indexed:
             # A file the index does not know: verified before it may be served again.
             if file_digest(self.store, digest) == digest:
-                self.index.add_blob(digest, on_disk[digest])
+                media_type = sniff_manifest_type(self.store, digest, on_disk[digest])
+                self.index.add_blob(digest, on_disk[digest], media_type)
                 adopted += 1
             else:
                 self.store.delete(digest)

@@ -88,11 +88,6 @@ def test_index_rebuilt_from_store(
     assert stored_blobs(proxy.cache_dir).keys() >= set(img.blob_digests)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy_app bug: reconcile re-indexes adopted files without media_type, and "
-    "manifests without a media_type in the index are never served from the store",
-)
 def test_manifest_by_digest_is_a_hit_after_index_rebuild(
     registry: Registry, image_factory, proxy_factory
 ):

@@ -150,11 +150,6 @@ def test_status_and_gc(registry: Registry, proxy_factory):
     get(2, "MISS")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy_app gap: a tag's answer is cached per exact Accept set, and prefetch's "
-    "set differs from skopeo's and Docker's, so the first pull's tag request goes upstream",
-)
 def test_pull_after_prefetch_gets_the_tag_from_the_cache(
     registry: Registry, pki: Pki, proxy_factory, tmp_path: Path
 ):
