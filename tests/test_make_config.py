@@ -167,7 +167,7 @@ def test_interactive_answers_with_a_bad_one_asked_again(checkout: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     # The bad auth entry was rejected with its reason and asked once more.
     assert result.stdout.count("not accepted") == 1
-    assert "is not host:username:password" in result.stdout
+    assert "username:password" in result.stdout  # the reason, from the shared parser
     assert result.stdout.count("REGISTRY_CACHE_AUTH_REGISTRIES [") == 2
     assert "end of input" not in result.stdout
     assert "pa55word" not in result.stdout
@@ -184,8 +184,14 @@ def test_interactive_answers_with_a_bad_one_asked_again(checkout: Path) -> None:
     assert cache["docker_clients_serial"] == "25%"
     assert_secret_file_private(checkout)
 
-    # A second run with empty answers keeps every earlier answer as its default.
+    # A second run with empty answers keeps every earlier answer as its default,
+    # and host variables added by hand to hosts.yml.
+    hosts_file = checkout / "inventory/hosts.yml"
+    hosts_file.write_text(
+        hosts_file.read_text().replace("web2:", "web2:\n          ansible_user: ops")
+    )
     before = inventory(checkout)
+    assert before["_meta"]["hostvars"]["web2"]["ansible_user"] == "ops"
     again = make_config(checkout, clean_env(), "\n" * len(QUESTION_ORDER))
     assert again.returncode == 0, again.stdout + again.stderr
     assert "[64g]" in again.stdout and "[web1 web2]" in again.stdout
@@ -208,7 +214,7 @@ def test_invalid_environment_value_stops_with_the_reason(checkout: Path) -> None
     result = make_config(checkout, clean_env(**env))
     assert result.returncode != 0
     assert "REGISTRY_CACHE_AUTH_REGISTRIES" in result.stderr
-    assert "host:username:password" in result.stderr
+    assert "username:password" in result.stderr
     assert not (checkout / SECRETS).exists()
 
 
