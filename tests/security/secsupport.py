@@ -129,7 +129,8 @@ def snapshot(root: Path, skip: Path | None = None) -> dict[str, tuple[int, int]]
             path = os.path.join(dirpath, name)
             with contextlib.suppress(OSError):
                 st = os.lstat(path)
-                out[path] = (st.st_size, st.st_mtime_ns if name in filenames else 0)
+                # a directory's own size and times change with its entries: only files count
+                out[path] = (st.st_size, st.st_mtime_ns) if name in filenames else (0, 0)
     return out
 
 
