@@ -38,6 +38,11 @@ class Params:
     latency_requests: int = 500
 
 
+def paired_ratio(ours: list[float], theirs: list[float]) -> float:
+    """The median of the per-run ratios: each pair ran back to back, under the same load."""
+    return median([a / b for a, b in zip(ours, theirs, strict=True)])
+
+
 def _children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -106,7 +111,7 @@ def throughput(bench: Bench, proxy: Proxy, p: Params, log: Any) -> dict[str, Any
     return {
         "proxy_mb_s": median(rates["proxy"]) / MB,
         "nginx_mb_s": median(rates["nginx"]) / MB,
-        "ratio": median(rates["proxy"]) / median(rates["nginx"]),
+        "ratio": paired_ratio(rates["proxy"], rates["nginx"]),
         "proxy_cpu_s_per_gib": cpu["proxy"] / (served["proxy"] / GIB),
         "nginx_cpu_s_per_gib": cpu["nginx"] / (served["nginx"] / GIB),
         "bytes_per_run": bench.image.layer_bytes,
@@ -145,7 +150,7 @@ def warm_pull(bench: Bench, proxy: Proxy, p: Params, log: Any) -> dict[str, Any]
     return {
         "proxy_s": median(times["proxy"]),
         "distribution_s": median(times["distribution"]),
-        "ratio": median(times["proxy"]) / median(times["distribution"]),
+        "ratio": paired_ratio(times["proxy"], times["distribution"]),
         "upstream_blob_requests_while_warm": len(blob_gets),
         "samples_s": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
     }
@@ -174,7 +179,7 @@ def cold_pull(bench: Bench, p: Params, log: Any) -> dict[str, Any]:
     return {
         "proxy_s": median(times["proxy"]),
         "direct_s": median(times["direct"]),
-        "ratio": median(times["proxy"]) / median(times["direct"]),
+        "ratio": paired_ratio(times["proxy"], times["direct"]),
         "samples_s": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
     }
 
@@ -226,26 +231,27 @@ def _client_argv(bench: Bench, proxy: Proxy) -> list[str]:
 
 
 def _fetched_upstream(bench: Bench, mark: int) -> tuple[int, int, dict[str, int]]:
-    """Body bytes upstream sent for GETs (HEADs send none), and GETs per blob digest."""
-    total, gets = 0, 0
+    """Body bytes upstream sent for GETs (HEADs send none), manifest GETs, GETs per blob."""
+    total, manifest_gets = 0, 0
     per_blob: dict[str, int] = {}
     for r in upstream_requests(bench, mark):
         if r.method != "GET" or r.status not in (200, 206):
             continue
         if "/blobs/" in r.uri or "/manifests/" in r.uri:
             total += r.size
-            gets += 1
+        if "/manifests/" in r.uri:
+            manifest_gets += 1
         if "/blobs/" in r.uri:
             digest = r.uri.rsplit("/", 1)[1]
             per_blob[digest] = per_blob.get(digest, 0) + 1
-    return total, gets, per_blob
+    return total, manifest_gets, per_blob
 
 
 def herd(bench: Bench, p: Params, log: Any) -> dict[str, Any]:
     """`herd_clients` curl clients pull the image through a proxy with an empty cache,
     all started at once; against one such client alone."""
     expected = bench.image.total_bytes
-    singles, slowest, ratios_bytes = [], [], []
+    singles, slowest, ratios_bytes, manifest_gets = [], [], [], []
     blob_gets_max = 0
     for i in range(p.runs_herd):
         proxy = bench.proxy()
@@ -266,22 +272,25 @@ def herd(bench: Bench, p: Params, log: Any) -> dict[str, Any]:
             failed = [r for r in runs if r.returncode != 0 or not all(c == 200 for c in r.codes)]
             if failed:
                 raise RuntimeError(f"{len(failed)} of {len(runs)} clients failed: {failed[0]}")
-            fetched, _, per_blob = _fetched_upstream(bench, mark)
+            fetched, manifests, per_blob = _fetched_upstream(bench, mark)
         finally:
             bench.drop_proxy(proxy)
         slowest.append(max(r.seconds for r in runs))
         ratios_bytes.append(fetched / expected)
+        manifest_gets.append(manifests)
         blob_gets_max = max(blob_gets_max, *per_blob.values())
         log(
             f"  run {i + 1}: one client {singles[-1]:.2f} s, slowest of {p.herd_clients} "
             f"{slowest[-1]:.2f} s (spawned in {spawned:.2f} s), upstream bytes / image "
-            f"{ratios_bytes[-1]:.4f}, GETs per blob {sorted(per_blob.values())}"
+            f"{ratios_bytes[-1]:.4f}, GETs per blob {sorted(per_blob.values())}, "
+            f"manifest GETs {manifests}"
         )
     return {
         "clients": p.herd_clients,
         "client": "curl --parallel --parallel-max 3: manifest by tag, config, layers",
         "upstream_bytes_ratio": max(ratios_bytes),
         "max_upstream_gets_per_blob": blob_gets_max,
+        "upstream_manifest_gets": max(manifest_gets),
         "single_s": median(singles),
         "slowest_s": median(slowest),
         "slowest_over_single": median(slowest) / median(singles),
@@ -290,6 +299,7 @@ def herd(bench: Bench, p: Params, log: Any) -> dict[str, Any]:
             "single_s": [round(v, 3) for v in singles],
             "slowest_s": [round(v, 3) for v in slowest],
             "upstream_bytes_ratio": [round(v, 6) for v in ratios_bytes],
+            "upstream_manifest_gets": manifest_gets,
         },
     }
 

@@ -83,8 +83,9 @@ def rows(results: dict[str, Any]) -> list[Row]:
             "herd",
             "4. clients at once (cold): upstream bytes / image size",
             lambda r: (
-                f"{r['upstream_bytes_ratio']:.2f} ({r['clients']} clients, "
-                f"max {r['max_upstream_gets_per_blob']} GET per blob)"
+                f"{r['upstream_bytes_ratio']:.2f} ({r['clients']} clients; upstream GETs: "
+                f"max {r['max_upstream_gets_per_blob']} per blob, "
+                f"{r.get('upstream_manifest_gets', '?')} of the tag)"
             ),
             "1.00",
             lambda r: (
@@ -227,8 +228,9 @@ def markdown(
         "- docker-registry in proxy mode (`proxy: remoteurl:` the upstream), the peer "
         "pull-through cache, warm.",
         "",
-        "How each figure is measured (each is the median of several runs; each ratio "
-        "compares runs made in the same benchmark run, alternating which side goes first):",
+        "How each figure is measured (each is the median of several runs; a ratio is the "
+        "median of the ratios of pairs of runs made back to back, alternating which side "
+        "goes first; the seconds and MB/s beside it are the medians of each side):",
         "",
         "1. `curl` fetches the image's layers one after another on one connection, "
         "from nginx and through the proxy (CONNECT + TLS); bytes / wall time. CPU seconds "
