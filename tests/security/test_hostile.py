@@ -264,7 +264,7 @@ async def served_meanwhile(setup: Setup, seconds: float) -> list[float]:
 
 def test_slowloris_is_cut_at_the_head_timeout(setup: Setup):
     """Request heads dribbled a byte a second (plain and CONNECT) and a client that sends
-    nothing get 408 at head_timeout, while other clients are served as usual."""
+    one byte and then nothing get 408 at head_timeout, while others are served as usual."""
     slow_get = b"GET /healthz HTTP/1.1\r\nHost: c\r\nX-Slow: " + b"a" * 100
     slow_connect = connect_head(setup.registry.netloc)[:-2] + b"X-Slow: " + b"a" * 100
 

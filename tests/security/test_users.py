@@ -163,6 +163,31 @@ def test_user_allow_list_is_enforced_on_cached_content(
         assert "bob" in err["message"] and "team/secret" in err["message"], err
     asked = [r.uri for r in registry.requests()[upstream_before:] if "team/secret" in r.uri]
     assert not asked, f"bob's denied requests went upstream: {asked}"
+    # spellings of the same reads that a route parser might not name: never served to bob
+    layer = secret.layer_digests[0]
+    odd = [
+        "/v2/team/secret/manifests/latest/",
+        f"/v2/team/secret/blobs/{layer}/",
+        f"/v2/team/secret/blobs/{layer}?x=1",
+        f"/v2/team/secret/blobs/{layer}#frag",
+        f"/v2/team/secret/blobs/{layer};x",
+        f"/v2/team/secret//blobs/{layer}",
+        f"/v2//team/secret/blobs/{layer}",
+        f"/v2/team%2fsecret/blobs/{layer}",
+        f"/v2/team/secret%2fblobs%2f{layer}",
+        f"/v2/Team/Secret/blobs/{layer}",
+        f"/v2/pub/../team/secret/blobs/{layer}",
+        f"/v2/pub/%2e%2e/team/secret/blobs/{layer}",
+        f"/v2/team/secret/blobs/uploads/../../blobs/{layer}",
+    ]
+    for path in odd:
+        resp = tunnel_get(proxy, registry, path, BOB)
+        assert 400 <= resp.status < 500, f"bob {path}: {resp.status} {resp.headers}"
+    asked = [r.uri for r in registry.requests()[upstream_before:] if "team/secret" in r.uri]
+    assert not asked, f"bob's odd spellings went upstream: {asked}"
+    # nor does the catalog tell him which repositories there are
+    resp = tunnel_get(proxy, registry, "/v2/_catalog", BOB)
+    assert "team/secret" not in resp.text(), (resp.status, resp.text()[:300])
     for path in paths:  # the same paths are fine for admin
         ok = tunnel_get(proxy, registry, path, ADMIN)
         assert ok.status == 200, f"admin {path}: {ok.status} {ok.text()[:200]}"
