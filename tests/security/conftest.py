@@ -18,6 +18,7 @@ from integration.conftest import (  # noqa: F401
     pki,
     proxy_factory,
     registry,
+    token_setup,
     upstream_ports,
     workroot,
 )

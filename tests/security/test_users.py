@@ -25,11 +25,14 @@ from support.client import fetch
 from support.images import layout_blobs
 from support.proxy import Proxy
 from support.registry import Registry
+from support.servers import TokenIssuer
+from support.topology import TOKEN_CREDS, TokenSetup
 
 pytestmark = pytest.mark.integration
 
 ADMIN = ("admin", "adm1n:pass-with-colon")
 BOB = ("bob", "b0b-p@ss/word")  # '@' and '/' must survive the proxy URL (percent-encoded)
+CAROL = ("carol", "c4rol-pass")
 MANIFEST_ACCEPT = (
     "application/vnd.oci.image.manifest.v1+json, "
     "application/vnd.docker.distribution.manifest.v2+json"
@@ -54,7 +57,7 @@ def proxy_url(proxy: Proxy, user: str, password: str) -> str:
     return f"http://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{proxy.port}"
 
 
-def tunnel_get(proxy: Proxy, registry: Registry, path: str, creds: tuple[str, str]):
+def tunnel_get(proxy: Proxy, upstream: Registry | TokenIssuer, path: str, creds: tuple[str, str]):
     """One GET in a CONNECT tunnel that carries Proxy-Authorization (raw client)."""
     import asyncio
     import ssl
@@ -64,16 +67,16 @@ def tunnel_get(proxy: Proxy, registry: Registry, path: str, creds: tuple[str, st
     async def run():
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         try:
-            writer.write(connect_head(registry.netloc, {"Proxy-Authorization": basic(*creds)}))
+            writer.write(connect_head(upstream.netloc, {"Proxy-Authorization": basic(*creds)}))
             await writer.drain()
             head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200"), head
             await writer.start_tls(
                 ssl.create_default_context(cafile=str(proxy.ca_path)),
-                server_hostname=registry.hostname,
+                server_hostname=upstream.hostname,
             )
             writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: {registry.netloc}\r\n"
+                f"GET {path} HTTP/1.1\r\nHost: {upstream.netloc}\r\n"
                 f"Accept: {MANIFEST_ACCEPT}\r\n\r\n".encode()
             )
             await writer.drain()
@@ -214,3 +217,36 @@ def test_unauthenticated_fetch_is_refused_at_connect(users_proxy: Proxy, registr
             "GET",
             "/v2/",
         )
+
+
+def test_restricted_user_gets_no_token_made_with_the_caches_credentials(
+    proxy_factory, token_setup: TokenSetup, registry: Registry
+):
+    """The cache holds credentials for a token endpoint (auth_registries). A user whose
+    allow list excludes a repository must not get a pull token for it minted with them:
+    such a token works straight against the registry, around the cache."""
+    issuer = token_setup.issuer
+    proxy = proxy_factory(
+        auth_registries=f"{issuer.hostname}:{TOKEN_CREDS[0]}:{TOKEN_CREDS[1]}",
+        users=[
+            {
+                "name": BOB[0],
+                "password_hash": hash_password(BOB[1]),
+                "allow": [f"{registry.hostname}:*/pub/*"],
+            },
+            {
+                "name": CAROL[0],
+                "password_hash": hash_password(CAROL[1]),
+                "allow": [f"{token_setup.registry.hostname}:*/tok/*"],
+            },
+        ],
+    )
+    seen_before = len(issuer.seen)
+    path = f"/token?service={issuer.service}&scope=repository:tok/app:pull"
+    resp = tunnel_get(proxy, issuer, path, BOB)
+    assert resp.status != 200 and "token" not in resp.text(), (resp.status, resp.text()[:300])
+    minted = [s for s in issuer.seen[seen_before:] if s.authorization == basic(*TOKEN_CREDS)]
+    assert not minted, "the cache's credentials went to the token endpoint for bob"
+    # carol, whose allow list has tok/*, gets her token through the cache's credentials
+    resp = tunnel_get(proxy, issuer, path, CAROL)
+    assert resp.status == 200 and json.loads(resp.body).get("token"), resp.status
