@@ -41,19 +41,17 @@ QUESTION_ORDER = [
 
 @pytest.fixture
 def checkout(tmp_path: Path) -> Path:
-    """A copy of the files make config needs, as a git repository of its own."""
+    """A copy of the files make config needs, as a git repository of its own
+    (without any inventory an earlier `make config` wrote into the real checkout)."""
     root = tmp_path / "repo"
-    tracked = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "--", "Makefile", "pyproject.toml",
-         ".gitignore", "ansible.cfg", "scripts", "proxy_app", "inventory"],
-        cwd=REPO, check=True, capture_output=True, text=True,
-    ).stdout.split()  # fmt: skip
-    assert "scripts/configure.py" in tracked
-    for rel in tracked:
-        src = REPO / rel
-        if src.is_file():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, root / rel)
+    root.mkdir()
+    for name in ("Makefile", "pyproject.toml", ".gitignore", "ansible.cfg"):
+        shutil.copy2(REPO / name, root / name)  # copy2: make must see the venv as current
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("scripts", "proxy_app"):
+        shutil.copytree(REPO / name, root / name, ignore=ignore)
+    (root / "inventory/group_vars").mkdir(parents=True)
+    shutil.copy2(REPO / "inventory/hosts.yml.example", root / "inventory")
     # The project's venv, which `make config` uses (`make -o` keeps make from rebuilding it).
     (root / ".venv").symlink_to(VENV_BIN.parent)
     subprocess.run(["git", "init", "-q", str(root)], check=True)
@@ -70,11 +68,19 @@ def clean_env(**values: str) -> dict[str, str]:
     return env
 
 
+# `-o`: the venv counts as made (it is the project's own, symlinked into the copy).
+MAKE_CONFIG = ["make", "-s", "-o", "venv", "-o", ".venv/bin/registry-cache", "config"]
+
+
 def make_config(root: Path, env: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess:
+    # Never let make rebuild the shared venv from the copy: check what it would run first.
+    planned = subprocess.run(
+        [*MAKE_CONFIG, "-n"], cwd=root, env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    assert planned.endswith("scripts/configure.py"), planned
     return subprocess.run(
-        ["make", "-s", "-C", str(root), "-o", ".venv/bin/registry-cache", "config"],
-        input=stdin, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        MAKE_CONFIG, cwd=root, input=stdin, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def inventory(root: Path, *extra: str) -> dict:
