@@ -8,6 +8,7 @@ import base64
 import contextlib
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,7 +175,7 @@ class Namespace:
             "sys.stdout.buffer.write(out)\n"
         )
         res = subprocess.run(
-            ["ip", "netns", "exec", self.name, "python3", "-c", script, host, str(port), "5"],
+            ["ip", "netns", "exec", self.name, sys.executable, "-c", script, host, str(port), "5"],
             input=data,
             capture_output=True,
             timeout=timeout + 10,
