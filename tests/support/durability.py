@@ -244,10 +244,13 @@ def make_multiplatform_image(
     entries = []
     for n, (platform, sizes) in enumerate(platforms.items()):
         os_name, arch = platform.split("/")[:2]
-        layers, diff_ids = [], []
+        layers: list[dict[str, str | int]] = []
+        layer_digests: list[str] = []
+        diff_ids: list[str] = []
         for i, size in enumerate(sizes):
             raw, gz = _layer(n * 100 + i, size)
-            layers.append({"mediaType": OCI_LAYER, "digest": put(gz), "size": len(gz)})
+            layer_digests.append(put(gz))
+            layers.append({"mediaType": OCI_LAYER, "digest": layer_digests[-1], "size": len(gz)})
             diff_ids.append(sha256(raw))
         config = json.dumps(
             {
@@ -275,9 +278,7 @@ def make_multiplatform_image(
                 "platform": {"architecture": arch, "os": os_name},
             }
         )
-        result.platforms[platform] = PlatformImage(
-            manifest_digest, config_digest, [la["digest"] for la in layers]
-        )
+        result.platforms[platform] = PlatformImage(manifest_digest, config_digest, layer_digests)
     index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
     result.index_digest = put(index)
     (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))

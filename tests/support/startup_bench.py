@@ -9,6 +9,10 @@ by hand: `cd tests && python -m support.startup_bench --entries 100000`.
 A start is timed from just before the process is spawned to the proxy's own
 "ready" log line (the listener is up); the time until /healthz first answers is
 reported too, as a check.
+
+Making and deleting 100,000 files is the slow part (tens of seconds each on this
+machine's ext4 with discard); `--workdir` on a tmpfs makes both quick, with the same
+warm-cache start-up figure.
 """
 
 from __future__ import annotations
@@ -141,8 +145,9 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--workdir", type=Path, help="where to build the store (default: /tmp)")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="rc-startup-"))
+    workdir = Path(tempfile.mkdtemp(prefix="rc-startup-", dir=args.workdir))
     try:
         figures = measure_startup(workdir, args.entries, args.runs)
     finally:
