@@ -54,7 +54,20 @@ def forbidden_reason(address: str) -> str | None:
         return f"{ip} is a link-local address"
     if ip.is_unspecified or ip.is_multicast:
         return f"{ip} is not a destination"
+    if is_local_address(ip):
+        return f"{ip} is an address of the cache host itself"
     return None
+
+
+def is_local_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ip belongs to this host: only a local address can be bound."""
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True
 
 
 class DestinationPolicy:

@@ -11,6 +11,8 @@ import hmac
 import os
 from collections import OrderedDict
 
+from multidict import MultiMapping
+
 from .config import ProxyUser
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
@@ -86,3 +88,24 @@ def may_access(user: ProxyUser | None, host: str, repository: str) -> bool:
         return True
     target = f"{host}/{repository}".lower()
     return any(fnmatch.fnmatchcase(target, glob.lower()) for glob in user.allow)
+
+
+def token_scopes_allowed(user: ProxyUser | None, method: str, query: MultiMapping[str]) -> bool:
+    """Whether the cache may add its own credentials (auth_registries) to a token request
+    of `user`: always for users without `allow`; otherwise only for a GET whose every
+    `scope=repository:NAME:...` names a repository the user may read on some registry
+    (the token host is not the registry's, so only the repository part is compared)."""
+    if user is None or not user.allow:
+        return True
+    if method not in ("GET", "HEAD"):
+        return False
+    names = []
+    for value in query.getall("scope", []):
+        for scope in value.split():
+            parts = scope.split(":")
+            if len(parts) >= 3 and parts[0].startswith("repository"):
+                names.append(":".join(parts[1:-1]).lower())
+    repo_globs = [g.split("/", 1)[1].lower() for g in user.allow if "/" in g]
+    return bool(names) and all(
+        any(fnmatch.fnmatchcase(name, glob) for glob in repo_globs) for name in names
+    )

@@ -24,11 +24,12 @@ from .context import CacheContext
 from .exchange import Exchange
 from .inflight import BlobFetch, FetchFailed, InflightFetches, StoreUnavailable
 from .manifests import ManifestCache
-from .proxy_auth import may_access
+from .proxy_auth import may_access, token_scopes_allowed
 from .responses import (
     API_VERSION,
     CACHE_HEADER,
     CHUNK,
+    SendBudget,
     error_response,
     parse_range,
     relay,
@@ -63,6 +64,7 @@ class RegistryProxy:
         self.executor = ctx.executor
         self.inflight = InflightFetches(on_change=ctx.metrics.inflight.set)
         self.manifests = ManifestCache(ctx)
+        self.send_budget = SendBudget()
         self._tasks: set[asyncio.Task[None]] = set()
         # hit/miss counts not yet added to the index (flushed by the app's housekeeping)
         self.pending_stats: dict[str, int] = {}
@@ -145,6 +147,23 @@ class RegistryProxy:
                 " (not in its allow list)",
                 "DENIED",
             )
+        if user is not None and user.allow and not route.name and _unnamed_v2(raw):
+            # A /v2 path that names no repository we can check (the catalog, a trailing
+            # slash, odd spellings) is not passed upstream for a user with an allow list.
+            ex.result = "DENIED"
+            return error_response(
+                403,
+                "DENIED",
+                f"proxy user {user.name} may only read the repositories in its allow list; "
+                f"{raw.split('?', 1)[0][:100]} names none of them",
+                "DENIED",
+            )
+        if not raw.startswith("/v2") and not token_scopes_allowed(
+            user, method, request.rel_url.query
+        ):
+            # A token request (auth.docker.io/token?scope=...) for a repository outside the
+            # user's allow list: passed on, but never with the cache's own credentials.
+            return await self.pass_through(request, origin, ex, cache_credentials=False)
         if method not in ("GET", "HEAD") or route.kind is RouteKind.OTHER or not route.cacheable:
             return await self.pass_through(request, origin, ex)
         if route.kind is RouteKind.BLOB:
@@ -156,13 +175,23 @@ class RegistryProxy:
     # --- pass-through -------------------------------------------------------------------
 
     async def pass_through(
-        self, request: web.BaseRequest, origin: Origin, ex: Exchange, result: str = "PASS"
+        self,
+        request: web.BaseRequest,
+        origin: Origin,
+        ex: Exchange,
+        result: str = "PASS",
+        cache_credentials: bool = True,
     ) -> web.StreamResponse:
         ex.result = result
         body = request.content.iter_chunked(CHUNK) if request.body_exists else None
         try:
             upstream = await self.upstream.request(
-                request.method, origin, ex.path, request.headers, data=body
+                request.method,
+                origin,
+                ex.path,
+                request.headers,
+                data=body,
+                cache_credentials=cache_credentials,
             )
         except UPSTREAM_ERRORS as e:
             if (
@@ -266,6 +295,7 @@ class RegistryProxy:
                 byte_range=byte_range,
                 executor=self.executor,
                 on_prepared=ex.prepared,
+                budget=self.send_budget,
             )
         finally:
             reader.close()
@@ -294,6 +324,7 @@ class RegistryProxy:
                 executor=self.executor,
                 available=fetch.wait_beyond,
                 on_prepared=ex.prepared,
+                budget=self.send_budget,
                 fallback=functools.partial(
                     self._continue_direct, origin, name, fetch.digest, request.headers
                 ),
@@ -463,3 +494,8 @@ class _StoreError(Exception):
 def _relayable(headers: Mapping[str, str]) -> dict[str, str]:
     keep = ("content-type", "www-authenticate", "docker-distribution-api-version")
     return {k: v for k, v in headers.items() if k.lower() in keep}
+
+
+def _unnamed_v2(raw: str) -> bool:
+    path = raw.split("?", 1)[0]
+    return path.startswith("/v2/") and path != "/v2/"

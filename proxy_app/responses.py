@@ -21,6 +21,28 @@ from .upstream import forwardable
 
 CACHE_HEADER = "X-Registry-Cache"
 CHUNK = 1 << 20  # 1 MiB writes: measured several times faster over TLS than small ones
+MIN_CHUNK = 64 << 10
+SEND_BUDGET = 32 << 20
+
+
+class SendBudget:
+    """How big each blob write may be. 1 MiB writes are fastest over TLS, but each stream
+    holds about two writes' worth in memory (the plain and the encrypted copy), so as
+    more streams run at once each gets a smaller share of a fixed budget: 200 downloads
+    then cost tens of MB, not a GB."""
+
+    def __init__(self, total: int = SEND_BUDGET) -> None:
+        self.total = total
+        self.active = 0
+
+    def chunk(self) -> int:
+        share = self.total // max(self.active, 1)
+        size = MIN_CHUNK
+        while size * 2 <= min(share, CHUNK):
+            size *= 2
+        return size
+
+
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 
@@ -102,6 +124,7 @@ async def stream_blob(
     available: ReadMore | None = None,
     on_prepared: OnPrepared | None = None,
     fallback: Fallback | None = None,
+    budget: SendBudget | None = None,
 ) -> tuple[web.StreamResponse, int]:
     """Sends a blob (or one range of it) from a reader.
 
@@ -126,25 +149,31 @@ async def stream_blob(
         return response, 0
     loop = asyncio.get_running_loop()
     offset = start
-    while end is None or offset < end:
-        try:
-            limit = await available(offset) if available else end
-        except StoreUnavailable:
-            if fallback is None:
-                raise
-            offset += await fallback(response, offset, end)
-            break
-        if limit is None:
-            break
-        if end is not None:
-            limit = min(limit, end)
-        if limit <= offset:
-            break  # a blob of unknown size ended
-        n = min(CHUNK, limit - offset)
-        data = await loop.run_in_executor(executor, reader.pread, n, offset)
-        if not data:
-            raise OSError(f"blob file ended at {offset} of {limit} bytes")
-        await response.write(data)
-        offset += len(data)
+    if budget is not None:
+        budget.active += 1
+    try:
+        while end is None or offset < end:
+            try:
+                limit = await available(offset) if available else end
+            except StoreUnavailable:
+                if fallback is None:
+                    raise
+                offset += await fallback(response, offset, end)
+                break
+            if limit is None:
+                break
+            if end is not None:
+                limit = min(limit, end)
+            if limit <= offset:
+                break  # a blob of unknown size ended
+            n = min(budget.chunk() if budget else CHUNK, limit - offset)
+            data = await loop.run_in_executor(executor, reader.pread, n, offset)
+            if not data:
+                raise OSError(f"blob file ended at {offset} of {limit} bytes")
+            await response.write(data)
+            offset += len(data)
+    finally:
+        if budget is not None:
+            budget.active -= 1
     await response.write_eof()
     return response, offset - start

@@ -15,7 +15,7 @@ from enum import Enum
 # separated by '.', '_', '__' or runs of '-'.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-TAG = re.compile(r"[\w][\w.-]{0,127}")
+TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 # Any algorithm the grammar allows; only sha256 is cached, others pass through.
 DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 SHA256 = re.compile(r"sha256:[a-f0-9]{64}")

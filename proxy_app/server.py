@@ -138,12 +138,25 @@ class TrackedServer(web.Server):
 
 
 class _Pipe(asyncio.Protocol):
-    """One direction of a byte tunnel, with flow control towards the other side."""
+    """One direction of a byte tunnel, with flow control towards the other side. Until it
+    has a peer, what arrives (bytes, EOF, close) is kept and handed on by `attach`."""
 
     def __init__(self, peer: asyncio.Transport | None = None, slot: Slot | None = None) -> None:
         self.peer = peer
         self.slot = slot
         self.transport: asyncio.Transport | None = None
+        self._early = bytearray()
+        self._early_eof = self._early_lost = False
+
+    def attach(self, peer: asyncio.Transport) -> None:
+        self.peer = peer
+        if self._early:
+            peer.write(bytes(self._early))
+            self._early.clear()
+        if self._early_lost:
+            peer.close()
+        elif self._early_eof and peer.can_write_eof():
+            peer.write_eof()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -151,9 +164,14 @@ class _Pipe(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.peer is not None:
             self.peer.write(data)
+        else:
+            self._early += data
 
     def eof_received(self) -> bool:
-        if self.peer is not None and self.peer.can_write_eof():
+        if self.peer is None:
+            self._early_eof = True
+            return True
+        if self.peer.can_write_eof():
             self.peer.write_eof()
             return True
         return False
@@ -161,6 +179,8 @@ class _Pipe(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer is not None:
             self.peer.close()
+        else:
+            self._early_lost = True
         if self.slot is not None:
             self.slot.release()
 
@@ -252,9 +272,10 @@ class ClientConnection(asyncio.Protocol):
             return
         self.buffer += data
         end = self.buffer.find(b"\r\n\r\n")
+        if end > MAX_HEAD or (end < 0 and len(self.buffer) > MAX_HEAD):
+            self._refuse(431, f"request head larger than {MAX_HEAD} bytes")
+            return
         if end < 0:
-            if len(self.buffer) > MAX_HEAD:
-                self._refuse(431, f"request head larger than {MAX_HEAD} bytes")
             return
         self._cancel_timer()
         if self.buffer.startswith(b"CONNECT "):
@@ -295,13 +316,16 @@ class ProxyServer:
         self._plain: TrackedServer | None = None
         self.slots = ConnectionSlots(config.max_connections_per_client, metrics)
         self._tasks: set[asyncio.Task[None]] = set()
+        # aiohttp closes a connection whose next request head is not complete this long
+        # after the connection opened or the previous response ended: the head timeout.
+        self.idle_timeout = min(KEEPALIVE_TIMEOUT, config.head_timeout)
 
     # --- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._plain = TrackedServer(
-            self._handle_plain, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT
+            self._handle_plain, access_log=None, keepalive_timeout=self.idle_timeout
         )
         for address in self.config.listen:
             try:
@@ -438,13 +462,15 @@ class ProxyServer:
             return refuse(502, f"cannot resolve {host}: {e}")
         if disposition == "passthrough":
             try:
+                from_upstream = _Pipe()
                 upstream, _ = await asyncio.wait_for(
-                    loop.create_connection(lambda: _Pipe(transport), addresses[0], port),
+                    loop.create_connection(lambda: from_upstream, addresses[0], port),
                     timeout=30,
                 )
             except (OSError, TimeoutError) as e:
                 return refuse(502, f"cannot reach {host}:{port}: {e}")
             transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            from_upstream.attach(transport)
             if rest:
                 upstream.write(rest)
             transport.set_protocol(_Pipe(upstream, slot))
@@ -462,7 +488,7 @@ class ProxyServer:
                 holding,
                 self.ca.server_context(host),
                 server_side=True,
-                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+                ssl_handshake_timeout=min(TLS_HANDSHAKE_TIMEOUT, self.config.head_timeout),
             )
         except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as e:
             # A client that does not trust the CA fails here: say so plainly in the log.
@@ -478,7 +504,7 @@ class ProxyServer:
         handler_server = TrackedServer(
             functools.partial(self._handle_intercepted, origin, client, user),
             access_log=None,
-            keepalive_timeout=KEEPALIVE_TIMEOUT,
+            keepalive_timeout=self.idle_timeout,
         )
         holding.hand_over(tls, handler_server, slot)
         return True

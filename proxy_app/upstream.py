@@ -116,10 +116,10 @@ class Upstream:
         return self._credentials.get(f"{host}:{origin.port}") or self._credentials.get(host)
 
     def request_headers(
-        self, origin: Origin, client_headers: Mapping[str, str]
+        self, origin: Origin, client_headers: Mapping[str, str], cache_credentials: bool = True
     ) -> CIMultiDict[str]:
         headers = forwardable(client_headers)
-        if "Authorization" not in headers:
+        if cache_credentials and "Authorization" not in headers:
             creds = self.credentials_for(origin)
             if creds is not None:
                 token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
@@ -135,9 +135,10 @@ class Upstream:
         *,
         data: Any = None,
         follow_redirects: bool = False,
+        cache_credentials: bool = True,
     ) -> aiohttp.ClientResponse:
         """Sends a request upstream; the caller must release the response."""
-        headers = self.request_headers(origin, client_headers)
+        headers = self.request_headers(origin, client_headers, cache_credentials)
         url = origin.url(path_and_query)
         for _ in range(MAX_REDIRECTS + 1):
             response = await self.session.request(
