@@ -6,7 +6,6 @@ This object is the only state the process has; everything else hangs off it.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -115,24 +114,7 @@ class RegistryCacheApp:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def tune_allocator() -> None:
-    """Bounds glibc malloc's hold on memory. Blob chunks are short-lived buffers of
-    64 KiB-1 MiB made in I/O threads: with glibc's defaults each thread gets an arena of
-    its own and the mmap threshold rises after the first large free, so freed chunks stay
-    in the process and peak RSS grows with concurrency. A fixed threshold hands them
-    back to the kernel at once; two arenas are plenty for eight I/O threads."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return  # not glibc: nothing to tune
-    m_mmap_threshold, m_arena_max = -3, -8
-    mallopt(m_mmap_threshold, 4 << 20)
-    mallopt(m_arena_max, 2)
-
-
 async def serve(config: Config) -> None:
-    tune_allocator()
     app = RegistryCacheApp(config)
     await app.start()
     stop = asyncio.Event()
