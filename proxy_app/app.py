@@ -81,6 +81,8 @@ class RegistryCacheApp:
             try:
                 self.flush()
                 self.maintenance.expire_inactive(self.registry.inflight)
+                # Blobs pinned by readers when space was needed can go now.
+                self.maintenance.make_room(0, self.registry.inflight)
             except Exception:
                 log.exception("housekeeping failed; will try again")
 

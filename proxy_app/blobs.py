@@ -56,6 +56,7 @@ class BlobStore(Protocol):
     def open(self, digest: str) -> BlobReader: ...
     def begin_write(self, digest: str) -> BlobWriter: ...
     def delete(self, digest: str) -> bool: ...
+    def digests(self) -> set[str]: ...
     def list(self) -> Iterator[tuple[str, int]]: ...
 
 
@@ -171,6 +172,21 @@ class FilesystemBlobStore:
             return True
         except FileNotFoundError:
             return False
+
+    def digests(self) -> set[str]:
+        """Every stored digest, from directory listings alone (no stat per file)."""
+        found = set()
+        with os.scandir(self.root) as shards:
+            for shard in shards:
+                if not shard.is_dir(follow_symlinks=False) or len(shard.name) != 2:
+                    continue
+                with os.scandir(shard.path) as entries:
+                    for entry in entries:
+                        if entry.name[:2] == shard.name and SHA256_DIGEST.fullmatch(
+                            "sha256:" + entry.name
+                        ):
+                            found.add("sha256:" + entry.name)
+        return found
 
     def list(self) -> Iterator[tuple[str, int]]:
         for shard in self.root.iterdir():

@@ -95,6 +95,26 @@ class Index:
             (digest, size, media_type, now, now),
         )
 
+    def add_blobs(self, blobs: list[tuple[str, int, str | None]]) -> None:
+        """Many blobs in one transaction (start-up adoption of unindexed files)."""
+        if not blobs:
+            return
+        now = time.time()
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO blobs(digest, size, media_type, stored_at, last_access) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(d, size, media, now, now) for d, size, media in blobs],
+            )
+
+    def remove_blobs(self, digests: set[str]) -> None:
+        if not digests:
+            return
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM blobs WHERE digest=?", [(d,) for d in digests])
+
     def blob(self, digest: str) -> BlobEntry | None:
         row = self._db.execute(
             "SELECT digest, size, media_type, last_access FROM blobs WHERE digest=?", (digest,)

@@ -416,6 +416,15 @@ class RegistryProxy:
                 self.inflight.release(fetch)
                 fetch.refuse()
                 return
+            if upstream.content_length and upstream.content_length > self.config.max_size:
+                # It could never stay: serve it through, and keep what is cached.
+                log.info(
+                    "%s (%d bytes) is larger than max_size: not stored",
+                    fetch.digest,
+                    upstream.content_length,
+                )
+                fetch.fail("larger than max_size: served through", StoreUnavailable)
+                return
             if upstream.content_length:
                 self.maintenance.make_room(upstream.content_length, self.inflight)
             try:

@@ -74,20 +74,20 @@ class StoreMaintenance:
         started = time.monotonic()
         removed_tmp = self.store.empty_tmp()
         indexed = self.index.all_digests()
-        on_disk = dict(self.store.list())
-        dropped = indexed - on_disk.keys()
-        for digest in dropped:
-            self.index.remove_blob(digest)
-        adopted = deleted = 0
-        for digest in on_disk.keys() - indexed:
+        on_disk = self.store.digests()
+        dropped = indexed - on_disk
+        self.index.remove_blobs(dropped)
+        adopted: list[tuple[str, int, str | None]] = []
+        deleted = 0
+        for digest in on_disk - indexed:
             # A file the index does not know: verified before it may be served again.
-            if file_digest(self.store, digest) == digest:
-                media_type = sniff_manifest_type(self.store, digest, on_disk[digest])
-                self.index.add_blob(digest, on_disk[digest], media_type)
-                adopted += 1
+            size = self.store.size(digest)
+            if size is not None and file_digest(self.store, digest) == digest:
+                adopted.append((digest, size, sniff_manifest_type(self.store, digest, size)))
             else:
                 self.store.delete(digest)
                 deleted += 1
+        self.index.add_blobs(adopted)
         self.size = self.index.total_size()
         self._publish()
         log.info(
@@ -98,7 +98,7 @@ class StoreMaintenance:
             self.size,
             removed_tmp,
             len(dropped),
-            adopted,
+            len(adopted),
             deleted,
             " (index rebuilt)" if index_rebuilt else "",
         )
