@@ -88,3 +88,16 @@ def test_failed_fetch_wakes_readers_with_an_error(tmp_path: Path) -> None:
             await waiter
 
     asyncio.run(scenario())
+
+
+def test_send_chunks_shrink_as_streams_add_up() -> None:
+    from proxy_app.responses import CHUNK, MIN_CHUNK, SendBudget
+
+    budget = SendBudget(total=32 << 20)
+    assert budget.chunk() == CHUNK
+    budget.active = 32
+    assert budget.chunk() == CHUNK
+    budget.active = 200
+    assert budget.chunk() == 128 << 10
+    budget.active = 10_000
+    assert budget.chunk() == MIN_CHUNK
