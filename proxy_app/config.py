@@ -287,12 +287,16 @@ def parse_path(value: Any) -> Path:
     return Path(value).expanduser()
 
 
+def _unset(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
+
+
 def parse_optional_path(value: Any) -> Path | None:
-    return None if value in (None, "") else parse_path(value)
+    return None if _unset(value) else parse_path(value)
 
 
 def parse_proxy_url(value: Any) -> str | None:
-    if value in (None, ""):
+    if _unset(value):
         return None
     if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+/?", value):
         raise ConfigError(f"{value!r} is not a proxy URL such as http://proxy.example:3128")
@@ -336,7 +340,17 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
 # Keys whose environment value is YAML rather than a plain string (lists of mappings).
 _YAML_ENV_KEYS = {"users"}
 # Variables with the prefix that belong to other tools (make config), not to the server.
-_FOREIGN_ENV = {"HOST", "CLIENTS", "VAULT_PASSWORD_FILE", "CONFIG"}
+_FOREIGN_ENV = {
+    "HOST",
+    "CLIENTS",
+    "VAULT_PASSWORD_FILE",
+    "CONFIG",
+    "ADDRESS",
+    "PORT",
+    "DIR",
+    "WHEELHOUSE",
+    "INSTALL_VENV",
+}
 
 
 def ports_named_in(globs: tuple[str, ...]) -> set[int]:
