@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import REPO_ROOT, figures, report
+from . import REPO_ROOT, figures, report, tools
 from .figures import Params
 from .services import Bench
 
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         mode["layer_size"] = args.layer_mb * 1_000_000
     p: Params = mode["params"]  # type: ignore[assignment]
     wanted = args.only or list(FIGURES)
+    if args.quick:
+        tools.TIMEOUT = 60.0
     signal.signal(signal.SIGTERM, _terminate)
 
     started = time.monotonic()

@@ -21,6 +21,8 @@ MANIFEST_ACCEPT = (
     "application/vnd.oci.image.manifest.v1+json, "
     "application/vnd.docker.distribution.manifest.v2+json"
 )
+# Seconds any one client (curl, skopeo) may take; `--quick` lowers it.
+TIMEOUT = 300.0
 # Where skopeo writes its copies: tmpfs, so that the destination disk is not measured.
 SHM = Path("/dev/shm")  # noqa: S108
 
@@ -57,7 +59,7 @@ def curl_argv(
     parallel: int = 0,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    argv = ["curl", "-sS", "--cacert", str(cacert), "--max-time", "300", *extra]
+    argv = ["curl", "-sS", "--cacert", str(cacert), "--max-time", str(int(TIMEOUT)), *extra]
     argv += ["--proxy", f"http://127.0.0.1:{proxy_port}"] if proxy_port else ["--noproxy", "*"]
     for h in headers:
         argv += ["-H", h]
@@ -86,12 +88,17 @@ def curl(
     proxy_port: int | None = None,
     headers: Sequence[str] = (),
     parallel: int = 0,
-    timeout: float = 300,
+    timeout: float | None = None,
 ) -> CurlResult:
     argv = curl_argv(urls, cacert, proxy_port=proxy_port, headers=headers, parallel=parallel)
     t0 = time.perf_counter()
     res = subprocess.run(
-        argv, capture_output=True, text=True, env=clean_env(), timeout=timeout, check=False
+        argv,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=timeout or TIMEOUT + 10,
+        check=False,
     )
     seconds = time.perf_counter() - t0
     codes, total = parse_curl(res.stdout)
@@ -112,7 +119,7 @@ class ClientRun:
 
 
 def curl_many(
-    argvs: Sequence[list[str]], timeout: float = 300, poll: float = 0.005
+    argvs: Sequence[list[str]], timeout: float | None = None, poll: float = 0.005
 ) -> tuple[list[ClientRun], float]:
     """Starts every argv at once; returns each client's time and the time to start them."""
     env = clean_env()
@@ -133,7 +140,7 @@ def curl_many(
         spawned = time.perf_counter() - t0
         ended: dict[int, float] = {}
         outputs: dict[int, tuple[str, str]] = {}
-        deadline = t0 + timeout
+        deadline = t0 + (timeout or TIMEOUT + 10)
         while len(ended) < len(procs):
             for i, p in enumerate(procs):
                 if i not in ended and p.poll() is not None:
@@ -160,7 +167,7 @@ def curl_many(
 
 
 def skopeo_pull(
-    src: str, cert_dir: Path, *, proxy_port: int | None = None, timeout: float = 300
+    src: str, cert_dir: Path, *, proxy_port: int | None = None, timeout: float | None = None
 ) -> float:
     """Seconds `skopeo copy docker://src dir:<tmpfs>` takes; the copy is removed after."""
     dest = Path(
@@ -180,7 +187,7 @@ def skopeo_pull(
             f"docker://{src}",
             f"dir:{dest}",
             proxy_port=proxy_port,
-            timeout=timeout,
+            timeout=timeout or TIMEOUT,
         )
         seconds = time.perf_counter() - t0
         if res.returncode != 0:
