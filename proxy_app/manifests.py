@@ -11,9 +11,11 @@ is served as STALE for up to `stale_if_error`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import AsyncIterator, Hashable
 
 import aiohttp
 from aiohttp import web
@@ -51,8 +53,32 @@ def _upstream_failed(status: int) -> bool:
     return status >= 500 or status == 429
 
 
+class KeyedLocks:
+    """A lock per key, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 class ManifestCache:
     def __init__(self, ctx: CacheContext) -> None:
+        self._locks = KeyedLocks()
         self.config = ctx.config
         self.store = ctx.store
         self.index = ctx.index
@@ -148,9 +174,19 @@ class ManifestCache:
         self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
     ) -> web.StreamResponse:
         cached = self._cached_body(route.reference)
-        if cached is not None:
-            ex.result = "HIT"
-            return self._answer(request, *cached, route.reference, ex)
+        if cached is None:
+            # Many clients asking at once for a manifest not yet cached: one goes upstream,
+            # the others find it stored when their turn comes.
+            async with self._locks.hold(("digest", route.reference)):
+                cached = self._cached_body(route.reference)
+                if cached is None:
+                    return await self._digest_from_upstream(request, origin, route, ex)
+        ex.result = "HIT"
+        return self._answer(request, *cached, route.reference, ex)
+
+    async def _digest_from_upstream(
+        self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
+    ) -> web.StreamResponse:
         ex.result = "MISS"
         upstream = await self.upstream.request(
             "GET", origin, ex.path, request.headers, follow_redirects=True
@@ -179,15 +215,45 @@ class ManifestCache:
     ) -> web.StreamResponse:
         variant = accept_variant(request.headers.getall("Accept", []))
         key = (origin.netloc, route.name, route.reference, variant)
+        fresh = self._fresh_tag(request, key, variant, ex)
+        if fresh is not None:
+            return fresh
+        # One upstream request per tag at a time: the clients of a fleet asking at once
+        # wait for it and then find the answer fresh.
+        async with self._locks.hold(key):
+            fresh = self._fresh_tag(request, key, variant, ex)
+            if fresh is not None:
+                return fresh
+            return await self._tag_from_upstream(request, origin, route, key, variant, ex)
+
+    def _fresh_tag(
+        self, request: web.BaseRequest, key: tuple[str, str, str, str], variant: str, ex: Exchange
+    ) -> web.Response | None:
+        entry = self._tag_entry(key, variant)
+        if entry is None or time.time() - entry.checked_at >= self.config.tag_ttl:
+            return None
+        cached = self._cached_body(entry.digest)
+        if cached is None:
+            return None
+        ex.result = "HIT"
+        return self._answer(request, *cached, entry.digest, ex)
+
+    async def _tag_from_upstream(
+        self,
+        request: web.BaseRequest,
+        origin: Origin,
+        route: Route,
+        key: tuple[str, str, str, str],
+        variant: str,
+        ex: Exchange,
+    ) -> web.StreamResponse:
+        """A tag whose cached answer is missing or older than tag_ttl."""
         entry = self._tag_entry(key, variant)
         cached = self._cached_body(entry.digest) if entry else None
         age = time.time() - entry.checked_at if entry else 0.0
         stale_ok = cached is not None and age < self.config.stale_if_error
 
         if entry is not None and cached is not None:
-            if age < self.config.tag_ttl:
-                ex.result = "HIT"
-                return self._answer(request, *cached, entry.digest, ex)
             revalidated = await self._revalidate(request, origin, entry, stale_ok, ex)
             if revalidated is not None:
                 if ex.result == "HIT":  # a STALE answer must not restart the clock

@@ -74,3 +74,43 @@ def test_twenty_clients_one_upstream_fetch(
     ]
     assert not late, f"clients whose first byte came after the upstream fetch ended: {late}"
     print(f"20 x 100 MB: {elapsed:.1f}s total, upstream fetch {fetch_took:.1f}s")
+
+
+def test_many_clients_one_upstream_request_per_cold_manifest(
+    registry: Registry, image_factory, proxy_factory
+):
+    """A fleet asking at once for a tag (and its manifest by digest) not yet cached costs
+    one upstream request each, not one per client."""
+    repo = "pub/herd"
+    img = image_factory(f"{registry.netloc}/{repo}:v1", [2048])
+    proxy = proxy_factory()
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+
+    async def ask(path: str) -> list:
+        return list(
+            await asyncio.gather(
+                *(
+                    afetch(
+                        proxy.port,
+                        str(proxy.ca_path),
+                        "registry.rc.test",
+                        registry.port,
+                        "GET",
+                        path,
+                        accept,
+                    )
+                    for _ in range(CLIENTS)
+                )
+            )
+        )
+
+    before = [r.uri for r in registry.requests()]
+    paths = {f"/v2/{repo}/manifests/v1": 1, f"/v2/{repo}/manifests/{img.manifest_digest}": 0}
+    for path, misses in paths.items():
+        results = asyncio.run(ask(path))
+        assert all(r.status == 200 for r in results), [r.status for r in results]
+        assert {r.sha256 for r in results} == {img.manifest_digest}
+        assert [r.cache for r in results].count("MISS") == misses
+    after = [r.uri for r in registry.requests()][len(before) :]
+    manifest_gets = [u for u in after if "/manifests/" in u]
+    assert len(manifest_gets) == 1, manifest_gets  # the digest was stored by the tag fetch
