@@ -33,6 +33,9 @@ fi
 
 start=$SECONDS
 mkdir -p "$build_dir/debs"
+# Seed the .deb cache with the host's own (hard links, free): apt and debootstrap take a
+# cached file only when its checksum matches the mirror's index, so a stale one is refetched.
+cp -nl /var/cache/apt/archives/*.deb "$build_dir/debs/" 2>/dev/null || true
 rootfs=$(mktemp -d "$build_dir/rootfs.XXXXXX")
 cleanup() {
   for m in var/cache/apt/archives proc; do
