@@ -247,6 +247,16 @@ def _fetched_upstream(bench: Bench, mark: int) -> tuple[int, int, dict[str, int]
     return total, manifest_gets, per_blob
 
 
+def _trouble(proxy: Proxy) -> str:
+    """The proxy's log lines about failures (its log is gone once the proxy is dropped)."""
+    lines = [
+        ln
+        for ln in proxy.output().splitlines()
+        if any(w in ln for w in (" 502 ", " 500 ", "ERROR", "WARNING", "Traceback"))
+    ]
+    return " | ".join(lines[-8:]) or "(nothing logged)"
+
+
 def herd(bench: Bench, p: Params, log: Any) -> dict[str, Any]:
     """`herd_clients` curl clients pull the image through a proxy with an empty cache,
     all started at once; against one such client alone."""
@@ -258,7 +268,9 @@ def herd(bench: Bench, p: Params, log: Any) -> dict[str, Any]:
         try:
             runs, _ = tools.curl_many([_client_argv(bench, proxy)])
             if runs[0].returncode != 0 or not all(c == 200 for c in runs[0].codes):
-                raise RuntimeError(f"single cold client failed: {runs[0]}")
+                raise RuntimeError(
+                    f"single cold client failed: {runs[0]}; proxy log: {_trouble(proxy)}"
+                )
             singles.append(runs[0].seconds)
         finally:
             bench.drop_proxy(proxy)
@@ -271,7 +283,10 @@ def herd(bench: Bench, p: Params, log: Any) -> dict[str, Any]:
             bench.wait_quiet(0.5)  # the upstream's log line is written after the body
             failed = [r for r in runs if r.returncode != 0 or not all(c == 200 for c in r.codes)]
             if failed:
-                raise RuntimeError(f"{len(failed)} of {len(runs)} clients failed: {failed[0]}")
+                raise RuntimeError(
+                    f"{len(failed)} of {len(runs)} clients failed: {failed[0]}; "
+                    f"proxy log: {_trouble(proxy)}"
+                )
             fetched, manifests, per_blob = _fetched_upstream(bench, mark)
         finally:
             bench.drop_proxy(proxy)

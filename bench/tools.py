@@ -59,7 +59,16 @@ def curl_argv(
     parallel: int = 0,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    argv = ["curl", "-sS", "--cacert", str(cacert), "--max-time", str(int(TIMEOUT)), *extra]
+    argv = [
+        "curl",
+        "-sS",
+        "--no-progress-meter",
+        "--cacert",
+        str(cacert),
+        "--max-time",
+        str(int(TIMEOUT)),
+        *extra,
+    ]
     argv += ["--proxy", f"http://127.0.0.1:{proxy_port}"] if proxy_port else ["--noproxy", "*"]
     for h in headers:
         argv += ["-H", h]
