@@ -67,7 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--no-write", action="store_true", help="do not write docs/BENCHMARKS.md (full mode)"
     )
+    ap.add_argument(
+        "--render",
+        type=Path,
+        metavar="RAW_JSON",
+        help="only write docs/BENCHMARKS.md again from a raw result file of a full run",
+    )
     args = ap.parse_args(argv)
+    if args.render:
+        raw = json.loads(args.render.read_text())
+        rows = report.rows(raw["results"])
+        print(report.table(rows))
+        doc = REPO_ROOT / "docs" / "BENCHMARKS.md"
+        doc.write_text(report.markdown(rows, raw["results"], raw["machine"], raw["meta"]))
+        print(f"written: {doc.relative_to(REPO_ROOT)}")
+        return 0
     mode = dict(QUICK if args.quick else FULL)
     if args.layer_mb:
         mode["layer_size"] = args.layer_mb * 1_000_000
@@ -122,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["load_after"] = report.load()
 
     rows = report.rows(results)
+    if report.errors_text(results):
+        print("\nerrors:\n" + report.errors_text(results))
     print()
     print(report.table(rows))
     print(

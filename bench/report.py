@@ -40,7 +40,7 @@ def _row(
     if r is None:
         return Row(figure, "not run", target, None)
     if "error" in r:
-        return Row(figure, "failed: " + r["error"][:80], target, False)
+        return Row(figure, "failed (see Errors)", target, False)
     return Row(figure, fmt(r), target, ok(r))
 
 
@@ -259,4 +259,15 @@ def markdown(
         "Raw samples of this run: `docs/bench-raw/` (not committed).",
         "",
     ]
+    errors = [(k, v["error"]) for k, v in results.items() if isinstance(v, dict) and "error" in v]
+    if errors:
+        lines += ["## Errors", ""]
+        lines += [f"- {name}: {text}" for name, text in errors]
+        lines.append("")
     return "\n".join(lines)
+
+
+def errors_text(results: dict[str, Any]) -> str:
+    return "\n".join(
+        f"{k}: {v['error']}" for k, v in results.items() if isinstance(v, dict) and "error" in v
+    )
