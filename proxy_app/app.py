@@ -66,7 +66,13 @@ class RegistryCacheApp:
             )
         )
         self.server = ProxyServer(cfg, ca, self.registry, self.metrics, self.health)
-        await self.server.start()
+        try:
+            await self.server.start()
+        except OSError:
+            await self.server.close()
+            await self.upstream.close()
+            self.index.close()
+            raise
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
         log.info(
             "registry-cache %s ready (cache %s, max_size %d bytes)",

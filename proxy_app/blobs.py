@@ -21,6 +21,7 @@ from typing import Protocol
 log = logging.getLogger(__name__)
 
 SHA256_DIGEST = re.compile(r"sha256:([a-f0-9]{64})")
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 
 
 class DigestMismatch(Exception):
@@ -37,6 +38,7 @@ def hex_of(digest: str) -> str:
 
 class BlobReader(Protocol):
     def pread(self, size: int, offset: int) -> bytes: ...
+    def pread_cached(self, size: int, offset: int) -> bytearray | None: ...
     def close(self) -> None: ...
 
 
@@ -66,6 +68,19 @@ class FileReader:
 
     def pread(self, size: int, offset: int) -> bytes:
         return os.pread(self._fd, size, offset)
+
+    def pread_cached(self, size: int, offset: int) -> bytearray | None:
+        """What of the range is in the page cache, without waiting for the disk; None
+        when nothing is (RWF_NOWAIT: the read then belongs in an I/O thread)."""
+        if _RWF_NOWAIT is None:
+            return None
+        buffer = bytearray(size)
+        try:
+            n = os.preadv(self._fd, [buffer], offset, _RWF_NOWAIT)
+        except (BlockingIOError, OSError):
+            return None
+        del buffer[n:]
+        return buffer
 
     def close(self) -> None:
         if self._fd >= 0:

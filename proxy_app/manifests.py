@@ -23,7 +23,7 @@ from aiohttp import web
 from .context import CacheContext
 from .exchange import Exchange
 from .index import TagEntry
-from .responses import API_VERSION, CACHE_HEADER, error_response, relay
+from .responses import API_VERSION, CACHE_HEADER, error_response, read_body, relay
 from .routes import Route
 from .upstream import UPSTREAM_ERRORS, Origin
 
@@ -145,7 +145,7 @@ class ManifestCache:
     async def _read_manifest(self, upstream: aiohttp.ClientResponse) -> tuple[bytes, str, str]:
         if (upstream.content_length or 0) > MAX_MANIFEST_SIZE:
             raise UpstreamAnswerInvalid(f"manifest of {upstream.content_length} bytes is too large")
-        body = await upstream.content.read(MAX_MANIFEST_SIZE + 1)
+        body = await read_body(upstream, MAX_MANIFEST_SIZE)
         if len(body) > MAX_MANIFEST_SIZE:
             raise UpstreamAnswerInvalid("manifest larger than 4 MiB")
         if upstream.content_length is not None and len(body) != upstream.content_length:

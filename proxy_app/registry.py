@@ -9,6 +9,7 @@ endpoints) is passed through uncached (PASS).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import ssl
@@ -32,6 +33,7 @@ from .responses import (
     SendBudget,
     error_response,
     parse_range,
+    read_body,
     relay,
     stream_blob,
 )
@@ -400,6 +402,7 @@ class RegistryProxy:
         headers = self._direct_headers(client_headers)
         path = f"/v2/{name}/blobs/{fetch.digest}"
         writer = None
+        writing: asyncio.Future[None] | None = None
         try:
             upstream = await self.upstream.request(
                 "GET", origin, path, headers, follow_redirects=True
@@ -411,7 +414,7 @@ class RegistryProxy:
             return
         try:
             if upstream.status != 200:
-                body = await upstream.content.read(64 << 10)
+                body = (await read_body(upstream, 64 << 10))[: 64 << 10]
                 fetch.refusal = Refusal(upstream.status, _relayable(upstream.headers), body)
                 self.inflight.release(fetch)
                 fetch.refuse()
@@ -433,21 +436,27 @@ class RegistryProxy:
                 raise _StoreError(e) from e
             fetch.begin(writer, upstream.content_length)
             stream = upstream.content
+            # The disk write of one batch overlaps the network read of the next; writes
+            # stay in order because each waits for the one before it.
             while True:
                 data = await stream.readany()
+                if data:
+                    batch = bytearray(data)
+                    while len(batch) < CHUNK:
+                        more = stream.read_nowait(CHUNK - len(batch))
+                        if not more:
+                            break
+                        batch += more
+                if writing is not None:
+                    try:
+                        await writing
+                    except OSError as e:
+                        raise _StoreError(e) from e
+                    fetch.progressed()
+                    writing = None
                 if not data:
                     break
-                batch = bytearray(data)
-                while len(batch) < CHUNK:
-                    more = stream.read_nowait(CHUNK - len(batch))
-                    if not more:
-                        break
-                    batch += more
-                try:
-                    await loop.run_in_executor(self.executor, writer.write, bytes(batch))
-                except OSError as e:
-                    raise _StoreError(e) from e
-                fetch.progressed()
+                writing = loop.run_in_executor(self.executor, writer.write, bytes(batch))
             try:
                 size = await loop.run_in_executor(
                     self.executor, writer.commit, upstream.content_length
@@ -460,6 +469,7 @@ class RegistryProxy:
             fetch.finish()
             self.maintenance.stored(fetch.digest, size)
         except _StoreError as e:
+            await _settled(writing)
             if writer is not None:
                 writer.abort()
             self.maintenance.store_failed(e.error)
@@ -470,6 +480,7 @@ class RegistryProxy:
             fetch.fail(str(e))
         except (*UPSTREAM_ERRORS, aiohttp.ClientPayloadError) as e:
             self.metrics.upstream_errors.inc()
+            await _settled(writing)  # no write may still be under way when the file goes
             if writer is not None:
                 writer.abort()
             log.warning("fetching %s from %s failed: %s", fetch.digest, origin.netloc, describe(e))
@@ -490,6 +501,12 @@ class RegistryProxy:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _settled(future: asyncio.Future[None] | None) -> None:
+    if future is not None:
+        with contextlib.suppress(Exception):
+            await future
 
 
 class _StoreError(Exception):
