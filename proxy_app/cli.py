@@ -7,6 +7,7 @@ import asyncio
 import getpass
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Coroutine
@@ -155,7 +156,13 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     config = _load(args)
     address = config.listen[0]
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
-    proxy = args.proxy or f"http://{'[' + host + ']' if ':' in host else host}:{address.port}"
+    # A proxy URL with a password comes from the environment, never the command line
+    # (which every local user can read in /proc).
+    proxy = (
+        args.proxy
+        or os.environ.get("REGISTRY_CACHE_PREFETCH_PROXY")
+        or f"http://{'[' + host + ']' if ':' in host else host}:{address.port}"
+    )
     ca_file = config.ca_dir / "ca.crt"
     try:
         reports = prefetch(args.images, proxy, ca_file, args.platform)
@@ -238,7 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     pf = add("prefetch", "pull images through the running proxy so that they are cached")
     pf.add_argument("images", nargs="+", metavar="IMAGE", help="e.g. alpine:3.20 ghcr.io/org/app:1")
     pf.add_argument("--platform", help="only this platform of a multi-platform image (linux/amd64)")
-    pf.add_argument("--proxy", help="proxy URL (default: the first listen address)")
+    pf.add_argument(
+        "--proxy",
+        help="proxy URL (default: $REGISTRY_CACHE_PREFETCH_PROXY, else the first listen "
+        "address); give one with a password in that variable, not here",
+    )
     pf.set_defaults(func=cmd_prefetch)
     ca = add("ca", "show the CA, or rotate it across a fleet in three steps")
     ca.add_argument("rotate", nargs="?", choices=["rotate"], help="rotate the CA")
