@@ -350,6 +350,7 @@ _FOREIGN_ENV = {
     "DIR",
     "WHEELHOUSE",
     "INSTALL_VENV",
+    "PREFETCH_PROXY",
 }
 
 
