@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.images import Image, make_image, push
-from tests.support.net import HOSTNAMES, ensure_hosts_entries, free_port, wait_for_port
+from tests.support.net import (
+    HOSTNAMES,
+    ensure_hosts_entries,
+    free_port,
+    stop_process,
+    wait_for_port,
+)
 from tests.support.pki import Issued, TestCA
 from tests.support.proxy import Proxy
 from tests.support.registry import Registry
@@ -196,15 +202,7 @@ http {{
         return f"https://{UPSTREAM_HOST}:{self.port}{path}"
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, grace=10, sig=signal.SIGQUIT)
         self.proc = None
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -54,3 +56,17 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> 
         if time.monotonic() > deadline:
             raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
         time.sleep(0.05)
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes] | None, grace: float = 10, sig: int = signal.SIGTERM
+) -> None:
+    """Asks a process to stop (`sig`), kills it after `grace` seconds, and reaps it."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)

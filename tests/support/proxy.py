@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .net import free_port
+from .net import free_port, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ("HIT", "MISS", "STALE", "PASS")
@@ -91,15 +90,7 @@ class Proxy:
         return self
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, grace=10)
         self.proc = None
 
     def output(self) -> str:

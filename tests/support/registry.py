@@ -7,7 +7,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import ssl
 import subprocess
 import time
@@ -19,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .net import free_port, wait_for_port
+from .net import free_port, stop_process, wait_for_port
 from .pki import Issued
 
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
@@ -117,15 +116,7 @@ class Registry:
         return self
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, grace=5)
         self.proc = None
 
     # -- its log ----------------------------------------------------------------
