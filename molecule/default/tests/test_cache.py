@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from conftest import CACHE_DIR, CACHE_PORT, CACHE_USER, CLIENT_CA, ok
 from testinfra.host import Host
@@ -51,3 +52,13 @@ def test_served_ca_is_the_ca_each_client_installed(cache: Host, client: Host) ->
     assert "BEGIN CERTIFICATE" in served
     assert served.strip() == cache.file(f"{CACHE_DIR}/ca/ca.crt").content_string.strip()
     assert client.file(CLIENT_CA).content_string.strip() == served.strip()
+
+
+def test_unit_is_hardened(cache: Host) -> None:
+    """systemd's own exposure score for the service: "OK" or better (issue 6)."""
+    report = ok(cache, "systemd-analyze security --no-pager registry-cache.service")
+    match = re.search(
+        r"Overall exposure level for registry-cache\.service:\s*([\d.]+)\s+(\w+)", report
+    )
+    assert match, report[-500:]
+    assert match.group(2) in ("SAFE", "OK"), f"exposure {match.group(1)} {match.group(2)}"
