@@ -23,7 +23,15 @@ def test_world_readable_key_is_refused(tmp_path: Path) -> None:
         CertificateAuthority.load_or_create(tmp_path / "ca")
 
 
-def handshake(ca: CertificateAuthority, cafile: Path, server_name: str, leaf_for: str) -> None:
+def handshake(
+    ca: CertificateAuthority,
+    cafile: Path,
+    server_name: str,
+    leaf_for: str,
+    client_ciphers: str | None = None,
+) -> str:
+    """Runs a TLS handshake against the leaf for `leaf_for`; returns the cipher agreed.
+    `client_ciphers` (TLS 1.2, where Python can order them) is the client's preference."""
     server_ctx = ca.server_context(leaf_for)
     a, b = socket.socketpair()
     errors: list[BaseException] = []
@@ -38,11 +46,26 @@ def handshake(ca: CertificateAuthority, cafile: Path, server_name: str, leaf_for
     t = threading.Thread(target=serve)
     t.start()
     client_ctx = ssl.create_default_context(cafile=str(cafile))
+    if client_ciphers:
+        client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        client_ctx.set_ciphers(client_ciphers)
     try:
         with client_ctx.wrap_socket(b, server_hostname=server_name) as c:
             c.send(b"x")
+            cipher = c.cipher()
+            return cipher[0] if cipher else ""
     finally:
         t.join(5)
+
+
+def test_the_client_picks_the_cipher(tmp_path: Path) -> None:
+    # Go clients (docker, skopeo) put AES-128-GCM first where the CPU has AES-NI; OpenSSL
+    # left to itself would impose AES-256-GCM, costing every client more to decrypt.
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
+    cafile = tmp_path / "ca" / "ca.crt"
+    aes128, aes256 = "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384"
+    assert handshake(ca, cafile, "ghcr.io", "ghcr.io", f"{aes128}:{aes256}") == aes128
+    assert handshake(ca, cafile, "ghcr.io", "ghcr.io", f"{aes256}:{aes128}") == aes256
 
 
 def test_leaf_verifies_for_its_host_only(tmp_path: Path) -> None:
