@@ -60,14 +60,18 @@ def forbidden_reason(address: str) -> str | None:
 
 
 def is_local_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Whether ip belongs to this host: only a local address can be bound."""
+    """Whether ip belongs to this host. The kernel routes a packet for one of its own
+    addresses through the local table with that same address as the source; asking for
+    the route (a UDP connect sends nothing) tells, whatever net.ipv4.ip_nonlocal_bind
+    says (with it set, a bind test would call every address local)."""
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((str(ip), 0))
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((str(ip), 9))
+            source = s.getsockname()[0]
     except OSError:
-        return False
-    return True
+        return False  # no route to it: not ours either
+    return ipaddress.ip_address(source.split("%", 1)[0]) == ip
 
 
 class DestinationPolicy:

@@ -10,9 +10,13 @@ local address counts the connections that would have got through.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from security.conftest import LOOPBACK_ALIAS, METADATA_ALIAS
@@ -132,3 +136,44 @@ def test_absolute_form_refused_where_it_must_not_go(guarded: Proxy, canary: Cana
     time.sleep(0.3)
     assert not problems, "\n".join(problems)
     assert len(canary.peers) == before, f"refused requests reached the canary: {canary.peers}"
+
+
+NONLOCAL_BIND_PROBE = """
+import ipaddress, json, sys
+from proxy_app.destinations import forbidden_reason
+print(json.dumps({a: forbidden_reason(a) for a in sys.argv[1:]}))
+"""
+
+
+def test_own_addresses_are_told_apart_with_nonlocal_bind_on() -> None:
+    """With net.ipv4.ip_nonlocal_bind=1 any address can be bound, so a bind test would
+    call every destination the cache host's own; the route lookup must not."""
+    setup = (
+        "set -e; ip link set lo up; ip link add rc-own type bridge; ip link set rc-own up;"
+        " ip addr add 10.77.0.1/24 dev rc-own; ip -6 addr add fd77::1/64 dev rc-own nodad;"
+        " sysctl -qw net.ipv4.ip_nonlocal_bind=1 net.ipv6.ip_nonlocal_bind=1;"
+        f' exec "{sys.executable}" -c "$0" "$@"'
+    )
+    out = subprocess.run(
+        [
+            "unshare",
+            "--net",
+            "sh",
+            "-c",
+            setup,
+            NONLOCAL_BIND_PROBE,
+            "10.77.0.1",
+            "fd77::1",
+            "10.77.0.9",
+            "fd77::9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    reasons = json.loads(out.stdout)
+    assert "cache host itself" in reasons["10.77.0.1"]
+    assert "cache host itself" in reasons["fd77::1"]
+    assert reasons["10.77.0.9"] is None and reasons["fd77::9"] is None
