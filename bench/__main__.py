@@ -23,7 +23,7 @@ QUICK = {
     "layer_size": 10_000_000,
     "params": Params(
         runs_throughput=3,
-        runs_pull=2,
+        runs_pull=2,  # one pair of each order
         runs_cold=2,
         runs_herd=1,
         herd_clients=50,

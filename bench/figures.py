@@ -28,7 +28,7 @@ MB = 1_000_000
 @dataclass
 class Params:
     runs_throughput: int = 5
-    runs_pull: int = 7
+    runs_pull: int = 10  # even: as many pairs start with one side as with the other
     runs_cold: int = 3
     runs_herd: int = 2
     herd_clients: int = 50
@@ -157,6 +157,11 @@ def warm_pull(bench: Bench, proxy: Proxy, p: Params, log: Any) -> dict[str, Any]
         "proxy_s": median(times["proxy"]),
         "distribution_s": median(times["distribution"]),
         "ratio": paired_ratio(times["proxy"], times["distribution"]),
+        # The spread of the pairs' ratios: on a shared 2-core machine one pull swings by
+        # 10-20 % from run to run, and a reader should see that next to the median.
+        "ratio_quartiles": _quartiles(
+            [a / b for a, b in zip(times["proxy"], times["distribution"], strict=True)]
+        ),
         # The server's own work per pull: skopeo's hashing and writing dominate the wall
         # time on a 2-core machine, so this is the part the server is answerable for.
         "proxy_cpu_s": median(cpu["proxy"]),
@@ -396,6 +401,10 @@ def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = max(0, min(len(ordered) - 1, round(q * (len(ordered) - 1))))
     return ordered[k]
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    return [round(_percentile(values, 0.25), 3), round(_percentile(values, 0.75), 3)]
 
 
 def tag_latency(bench: Bench, proxy: Proxy, p: Params, log: Any) -> dict[str, Any]:

@@ -66,7 +66,15 @@ def rows(results: dict[str, Any]) -> list[Row]:
             results,
             "warm_pull",
             "2. warm image pull, proxy / distribution cache",
-            lambda r: f"{r['ratio']:.2f} ({r['proxy_s']:.2f} / {r['distribution_s']:.2f} s)",
+            lambda r: (
+                f"{r['ratio']:.2f} ({r['proxy_s']:.2f} / {r['distribution_s']:.2f} s"
+                + (
+                    "; pairs' quartiles {:.2f}-{:.2f}".format(*r["ratio_quartiles"])
+                    if "ratio_quartiles" in r
+                    else ""
+                )
+                + ")"
+            ),
             "<= 1.00",
             lambda r: r["ratio"] <= 1.0,
         ),
