@@ -48,6 +48,7 @@ class BlobWriter(Protocol):
 
     def write(self, data: bytes) -> None: ...
     def reader(self) -> BlobReader: ...
+    def verify(self, expected_size: int | None) -> int: ...
     def commit(self, expected_size: int | None) -> int: ...
     def abort(self) -> None: ...
 
@@ -112,7 +113,9 @@ class FileWriter:
     def reader(self) -> FileReader:
         return FileReader(self.tmp_path)
 
-    def commit(self, expected_size: int | None) -> int:
+    def verify(self, expected_size: int | None) -> int:
+        """Checks what was written against the digest (and size); on a mismatch the file
+        goes and DigestMismatch is raised. Cheap: the hash was kept up as bytes came."""
         actual = "sha256:" + self._hash.hexdigest()
         if actual != self.digest or (expected_size is not None and expected_size != self.written):
             self.abort()
@@ -120,6 +123,11 @@ class FileWriter:
                 f"upstream sent {self.written} bytes hashing to {actual}, expected {self.digest}"
                 + (f" ({expected_size} bytes)" if expected_size is not None else "")
             )
+        return self.written
+
+    def commit(self, expected_size: int | None) -> int:
+        """Verifies, then makes the blob durable and visible: fsync, rename, fsync dir."""
+        self.verify(expected_size)
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1

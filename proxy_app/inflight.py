@@ -4,7 +4,9 @@ A fetch writes into the store's temporary file; clients that ask for the same bl
 meanwhile read that file as it grows, so a client that joins late starts receiving at
 once instead of waiting for the download to end. The last byte is held back from readers
 until the digest has been verified: a blob that fails verification is never delivered
-whole, and the readers' connections are cut instead.
+whole, and the readers' connections are cut instead. It is released as soon as the hash
+matches, not after the file has been flushed to disk: readers read the page cache, and
+durability is the store's concern, not theirs.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class BlobFetch:
         # Resolves once upstream has answered: True when bytes are coming, False when the
         # initiating request got an answer other than 200 (its own to relay).
         self.started: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.committed = False
+        self.verified = False  # the bytes hash to the digest: all may be read
         # What upstream answered the initiating request instead of the blob (to relay).
         self.refusal: object | None = None
         self.error: FetchFailed | None = None
@@ -56,8 +58,15 @@ class BlobFetch:
     def progressed(self) -> None:
         self._notify()
 
+    def verify(self) -> None:
+        if self.size is None and self.writer is not None:
+            self.size = self.writer.written  # upstream sent no length; now it is known
+        self.verified = True
+        self._notify()
+
     def finish(self) -> None:
-        self.committed = True
+        """The blob is in the store."""
+        self.verified = True
         self._notify()
 
     def fail(self, reason: str, error: type[FetchFailed] = FetchFailed) -> None:
@@ -75,20 +84,22 @@ class BlobFetch:
     def readable(self) -> int:
         """Bytes a reader may take now: all once verified, else all but the last one."""
         written = self.writer.written if self.writer else 0
-        return written if self.committed else max(written - 1, 0)
+        return written if self.verified else max(written - 1, 0)
 
     async def wait_beyond(self, offset: int) -> int:
         """Waits until more than `offset` bytes may be read; returns how many may."""
         while True:
-            if self.error is not None:
+            # Once verified, every byte is in the file a reader has open: a failure to
+            # store it after that (disk full at the flush) does not concern readers.
+            if self.error is not None and not self.verified:
                 raise self.error
             available = self.readable()
-            if available > offset or self.committed:
+            if available > offset or self.verified:
                 return available
             await self._progress.wait()
 
     def open_reader(self, store: BlobStore) -> BlobReader:
-        """Opens the growing file; once committed (even mid-rename) the stored one."""
+        """Opens the growing file; once stored (even mid-rename) the stored one."""
         assert self.writer is not None
         try:
             return self.writer.reader()

@@ -241,6 +241,11 @@ class RegistryProxy:
                 ex.result = "HIT"
                 self.index.touch(digest)
                 return await self._send_stored(request, digest, size, reader, ex)
+        fetch = self.inflight.get(digest)
+        if fetch is not None and fetch.verified:
+            # Fetched and verified, being flushed to disk: the bytes are here already.
+            ex.result = "HIT"
+            return await self._send_inflight(request, origin, route.name, fetch, ex, "cache")
         if request.method == "HEAD":
             return await self.pass_through(request, origin, ex, result="MISS")
         ex.result = "MISS"
@@ -306,7 +311,13 @@ class RegistryProxy:
         return response
 
     async def _send_inflight(
-        self, request: web.BaseRequest, origin: Origin, name: str, fetch: BlobFetch, ex: Exchange
+        self,
+        request: web.BaseRequest,
+        origin: Origin,
+        name: str,
+        fetch: BlobFetch,
+        ex: Exchange,
+        source: str = "upstream",
     ) -> web.StreamResponse:
         byte_range = None
         if fetch.size is not None:
@@ -334,7 +345,7 @@ class RegistryProxy:
         finally:
             reader.close()
             self.maintenance.unpin(fetch.digest)
-        self.metrics.bytes.labels("upstream").inc(ex.sent)
+        self.metrics.bytes.labels(source).inc(ex.sent)
         return response
 
     def _direct_headers(self, client_headers: Mapping[str, str]) -> dict[str, str]:
@@ -457,6 +468,8 @@ class RegistryProxy:
                 if not data:
                     break
                 writing = loop.run_in_executor(self.executor, writer.write, bytes(batch))
+            writer.verify(upstream.content_length)
+            fetch.verify()  # readers take the last byte now, not after the disk flush
             try:
                 size = await loop.run_in_executor(
                     self.executor, writer.commit, upstream.content_length

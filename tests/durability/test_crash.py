@@ -81,7 +81,8 @@ def test_kill9_mid_fetch_then_restart(
         assert again.complete and again.received == SIZE
         assert again.sha256 == digest
         assert len(registry.blob_requests(digest)) == upstream_gets + 1
-        assert stored_blobs(cache).get(digest) == SIZE
+        # The client has every byte once the hash matches; the flush and rename follow.
+        assert wait_until(lambda: stored_blobs(cache).get(digest) == SIZE, timeout=10)
         assert tmp_files(cache) == []
 
         on_disk = hashlib.sha256(blob_path(cache, digest).read_bytes()).hexdigest()

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from proxy_app.blobs import DigestMismatch, FilesystemBlobStore
-from proxy_app.inflight import FetchFailed, InflightFetches
+from proxy_app.inflight import FetchFailed, InflightFetches, StoreUnavailable
 from proxy_app.responses import parse_range
 
 
@@ -65,13 +65,39 @@ def test_readers_never_get_the_last_byte_before_verification(tmp_path: Path) -> 
         fetch.begin(writer, len(data))
         writer.write(data)
         fetch.progressed()
-        assert await fetch.wait_beyond(0) == 99  # held back until commit
+        assert await fetch.wait_beyond(0) == 99  # held back until verified
         waiter = asyncio.ensure_future(fetch.wait_beyond(99))
         await asyncio.sleep(0)
         assert not waiter.done()
+        writer.verify(len(data))
+        fetch.verify()
+        # released on the hash alone: the disk flush and the rename come after
+        assert await waiter == 100
+        assert not store.has(fetch.digest)
         writer.commit(len(data))
         fetch.finish()
-        assert await waiter == 100
+        assert store.has(fetch.digest) and await fetch.wait_beyond(99) == 100
+
+    asyncio.run(scenario())
+
+
+def test_a_store_failure_after_verification_does_not_cut_readers(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = FilesystemBlobStore(tmp_path)
+        data = b"y" * 10
+        fetch, _ = InflightFetches().claim(digest_of(data))
+        writer = store.begin_write(fetch.digest)
+        fetch.begin(writer, len(data))
+        writer.write(data)
+        reader = fetch.open_reader(store)  # a client already reading the growing file
+        writer.verify(len(data))
+        fetch.verify()
+        writer.abort()  # say the flush failed: the file is gone from the directory
+        fetch.fail("cannot store: disk full", StoreUnavailable)
+        assert await fetch.wait_beyond(5) == len(data)
+        assert reader.pread(len(data), 0) == data
+        with pytest.raises(StoreUnavailable):  # a newcomer reads from upstream instead
+            fetch.open_reader(store)
 
     asyncio.run(scenario())
 
