@@ -46,7 +46,7 @@ class BlobWriter(Protocol):
     digest: str
     written: int
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | bytearray) -> None: ...
     def reader(self) -> BlobReader: ...
     def verify(self, expected_size: int | None) -> int: ...
     def commit(self, expected_size: int | None) -> int: ...
@@ -102,7 +102,7 @@ class FileWriter:
             self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640
         )
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         view = memoryview(data)
         while view:
             n = os.write(self._fd, view)

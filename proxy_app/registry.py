@@ -467,7 +467,8 @@ class RegistryProxy:
                     writing = None
                 if not data:
                     break
-                writing = loop.run_in_executor(self.executor, writer.write, bytes(batch))
+                # The batch is handed over, not copied: the next one is a new bytearray.
+                writing = loop.run_in_executor(self.executor, writer.write, batch)
             writer.verify(upstream.content_length)
             fetch.verify()  # readers take the last byte now, not after the disk flush
             try:
