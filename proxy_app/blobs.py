@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 SHA256_DIGEST = re.compile(r"sha256:([a-f0-9]{64})")
 _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+_IOV_MAX = 1024  # the most buffers one writev takes (Linux's UIO_MAXIOV)
 
 
 class DigestMismatch(Exception):
@@ -47,6 +48,7 @@ class BlobWriter(Protocol):
     written: int
 
     def write(self, data: bytes | bytearray) -> None: ...
+    def write_chunks(self, chunks: Sequence[bytes | bytearray]) -> None: ...
     def reader(self) -> BlobReader: ...
     def verify(self, expected_size: int | None) -> int: ...
     def commit(self, expected_size: int | None) -> int: ...
@@ -103,12 +105,20 @@ class FileWriter:
         )
 
     def write(self, data: bytes | bytearray) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        self._hash.update(data)
-        self.written += len(data)
+        self.write_chunks([data])
+
+    def write_chunks(self, chunks: Sequence[bytes | bytearray]) -> None:
+        """Appends the chunks in order with as few writev calls as the kernel allows."""
+        pending = [memoryview(c) for c in chunks if c]
+        while pending:
+            n = os.writev(self._fd, pending[:_IOV_MAX])
+            while n and n >= len(pending[0]):
+                n -= len(pending.pop(0))
+            if n:
+                pending[0] = pending[0][n:]
+        for chunk in chunks:
+            self._hash.update(chunk)
+            self.written += len(chunk)
 
     def reader(self) -> FileReader:
         return FileReader(self.tmp_path)

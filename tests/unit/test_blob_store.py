@@ -127,3 +127,15 @@ def test_send_chunks_shrink_as_streams_add_up() -> None:
     assert budget.chunk() == 128 << 10
     budget.active = 10_000
     assert budget.chunk() == MIN_CHUNK
+
+
+def test_chunks_are_written_in_order_past_the_writev_limit(tmp_path: Path) -> None:
+    # More buffers than one writev takes (a slow upstream trickling bytes), an empty one,
+    # and a large one: the file and the digest must come out as if written in one piece.
+    store = FilesystemBlobStore(tmp_path)
+    chunks = [bytes([i % 251]) for i in range(3000)] + [b"", b"z" * 70_000, b"tail"]
+    data = b"".join(chunks)
+    writer = store.begin_write(digest_of(data))
+    writer.write_chunks(chunks)
+    assert writer.commit(len(data)) == len(data)
+    assert store.open(digest_of(data)).pread(len(data) + 1, 0) == data
