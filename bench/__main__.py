@@ -24,7 +24,7 @@ QUICK = {
     "params": Params(
         runs_throughput=3,
         runs_pull=2,  # one pair of each order
-        runs_cold=2,
+        runs_cold=2,  # one pair of each order
         runs_herd=1,
         herd_clients=50,
         runs_rss=1,

@@ -44,6 +44,13 @@ def _row(
     return Row(figure, fmt(r), target, ok(r))
 
 
+def _spread(r: dict[str, Any]) -> str:
+    """The quartiles of a comparison's paired ratios, where the run recorded them."""
+    if "ratio_quartiles" not in r:
+        return ""
+    return "; pairs' quartiles {:.2f}-{:.2f}".format(*r["ratio_quartiles"])
+
+
 def rows(results: dict[str, Any]) -> list[Row]:
     return [
         _row(
@@ -67,13 +74,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
             "warm_pull",
             "2. warm image pull, proxy / distribution cache",
             lambda r: (
-                f"{r['ratio']:.2f} ({r['proxy_s']:.2f} / {r['distribution_s']:.2f} s"
-                + (
-                    "; pairs' quartiles {:.2f}-{:.2f}".format(*r["ratio_quartiles"])
-                    if "ratio_quartiles" in r
-                    else ""
-                )
-                + ")"
+                f"{r['ratio']:.3f} ({r['proxy_s']:.2f} / {r['distribution_s']:.2f} s{_spread(r)})"
             ),
             "<= 1.00",
             lambda r: r["ratio"] <= 1.0,
@@ -94,9 +95,17 @@ def rows(results: dict[str, Any]) -> list[Row]:
             results,
             "cold_pull",
             "3. cold image pull, proxy / direct",
-            lambda r: f"{r['ratio']:.2f} ({r['proxy_s']:.2f} / {r['direct_s']:.2f} s)",
+            lambda r: f"{r['ratio']:.3f} ({r['proxy_s']:.2f} / {r['direct_s']:.2f} s{_spread(r)})",
             "<= 1.30",
             lambda r: r["ratio"] <= 1.3,
+        ),
+        _row(
+            results,
+            "cold_pull",
+            "3. proxy CPU seconds per cold pull",
+            lambda r: f"{r['proxy_cpu_s']:.2f} s" if "proxy_cpu_s" in r else "not measured",
+            "report",
+            lambda r: None,
         ),
         _row(
             results,
