@@ -42,6 +42,8 @@ from .upstream import UPSTREAM_ERRORS, Origin
 
 log = logging.getLogger(__name__)
 
+FETCH_BATCH = 1 << 20  # bytes of a download handed to the disk writer at a time
+
 
 class Refusal:
     """Upstream's non-200 answer to the request that started a fetch, kept to relay."""
@@ -452,12 +454,12 @@ class RegistryProxy:
             while True:
                 data = await stream.readany()
                 if data:
-                    # What has arrived, up to CHUNK, as the chunks it came in: written with
-                    # one writev, never joined (each copy of a GB costs a tenth of a second).
+                    # What has arrived, up to FETCH_BATCH, as the chunks it came in: written
+                    # with one writev, never joined (a copy of a GB costs a tenth of a second).
                     batch = [data]
                     size = len(data)
-                    while size < CHUNK:
-                        more = stream.read_nowait(CHUNK - size)
+                    while size < FETCH_BATCH:
+                        more = stream.read_nowait(FETCH_BATCH - size)
                         if not more:
                             break
                         batch.append(more)
