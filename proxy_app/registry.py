@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .blobs import BlobReader, DigestMismatch
+from .blobs import BlobReader, BlobWriter, DigestMismatch
 from .config import ProxyUser
 from .context import CacheContext
 from .exchange import Exchange
@@ -43,6 +43,7 @@ from .upstream import UPSTREAM_ERRORS, Origin
 log = logging.getLogger(__name__)
 
 FETCH_BATCH = 1 << 20  # bytes of a download handed to the disk writer at a time
+STORE_ON_STOP_TIMEOUT = 30.0  # seconds a stop waits for verified blobs to be flushed
 
 
 class Refusal:
@@ -70,6 +71,7 @@ class RegistryProxy:
         self.manifests = ManifestCache(ctx)
         self.send_budget = SendBudget()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._storing: set[asyncio.Future[None]] = set()
         # hit/miss counts not yet added to the index (flushed by the app's housekeeping)
         self.pending_stats: dict[str, int] = {}
 
@@ -476,17 +478,12 @@ class RegistryProxy:
                 writing = loop.run_in_executor(self.executor, writer.write_chunks, batch)
             writer.verify(upstream.content_length)
             fetch.verify()  # readers take the last byte now, not after the disk flush
-            try:
-                size = await loop.run_in_executor(
-                    self.executor, writer.commit, upstream.content_length
-                )
-            except OSError as e:
-                raise _StoreError(e) from e
-            self.maintenance.store_ok()
-            self.index.add_blob(fetch.digest, size)
-            self.inflight.release(fetch)
-            fetch.finish()
-            self.maintenance.stored(fetch.digest, size)
+            # Storing a verified blob is a task of its own that a shutdown waits for: the
+            # bytes are all here, and only the flush is left.
+            storing = asyncio.ensure_future(self._store_verified(fetch, writer))
+            self._storing.add(storing)
+            storing.add_done_callback(self._storing.discard)
+            await asyncio.shield(storing)
         except _StoreError as e:
             await _settled(writing)
             if writer is not None:
@@ -508,6 +505,23 @@ class RegistryProxy:
             self.inflight.release(fetch)
             upstream.release()
 
+    async def _store_verified(self, fetch: BlobFetch, writer: BlobWriter) -> None:
+        """Flushes and renames a verified blob into the store and indexes it."""
+        try:
+            size = await asyncio.get_running_loop().run_in_executor(
+                self.executor, writer.commit, writer.written
+            )
+        except OSError as e:
+            writer.abort()
+            self.maintenance.store_failed(e)
+            fetch.fail(f"cannot store {fetch.digest}: {e}", StoreUnavailable)
+            return
+        self.maintenance.store_ok()
+        self.index.add_blob(fetch.digest, size)
+        self.inflight.release(fetch)
+        fetch.finish()
+        self.maintenance.stored(fetch.digest, size)
+
     # --- background tasks ---------------------------------------------------------------
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -517,9 +531,12 @@ class RegistryProxy:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        """Stops the downloads under way; blobs already verified are stored first."""
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._storing:
+            await asyncio.wait(set(self._storing), timeout=STORE_ON_STOP_TIMEOUT)
 
 
 async def _settled(future: asyncio.Future[None] | None) -> None:
