@@ -38,9 +38,14 @@ class Params:
     latency_requests: int = 500
 
 
+def pair_ratios(ours: list[float], theirs: list[float]) -> list[float]:
+    """The per-run ratios: each pair ran back to back, under the same load."""
+    return [a / b for a, b in zip(ours, theirs, strict=True)]
+
+
 def paired_ratio(ours: list[float], theirs: list[float]) -> float:
-    """The median of the per-run ratios: each pair ran back to back, under the same load."""
-    return median([a / b for a, b in zip(ours, theirs, strict=True)])
+    """The median of the per-run ratios."""
+    return median(pair_ratios(ours, theirs))
 
 
 def _children(pid: int) -> list[int]:
@@ -160,9 +165,7 @@ def warm_pull(bench: Bench, proxy: Proxy, p: Params, log: Any) -> dict[str, Any]
         # The spread of the pairs' ratios: on a shared 2-core machine one pull swings by
         # 10-20 % from run to run (hence 20 pairs), and a reader should see that next to
         # the median.
-        "ratio_quartiles": _quartiles(
-            [a / b for a, b in zip(times["proxy"], times["distribution"], strict=True)]
-        ),
+        "ratio_quartiles": _quartiles(pair_ratios(times["proxy"], times["distribution"])),
         # The server's own work per pull: skopeo's hashing and writing dominate the wall
         # time on a 2-core machine, so this is the part the server is answerable for.
         "proxy_cpu_s": median(cpu["proxy"]),
@@ -203,9 +206,7 @@ def cold_pull(bench: Bench, p: Params, log: Any) -> dict[str, Any]:
         "proxy_s": median(times["proxy"]),
         "direct_s": median(times["direct"]),
         "ratio": paired_ratio(times["proxy"], times["direct"]),
-        "ratio_quartiles": _quartiles(
-            [a / b for a, b in zip(times["proxy"], times["direct"], strict=True)]
-        ),
+        "ratio_quartiles": _quartiles(pair_ratios(times["proxy"], times["direct"])),
         # On 2 cores skopeo, the upstream registry and the proxy share the CPU: the
         # proxy's own seconds are what a cold pull costs on top of a direct one.
         "proxy_cpu_s": median(proxy_cpu),

@@ -292,7 +292,7 @@ def markdown(
         "Raw samples of this run: `docs/bench-raw/` (not committed).",
         "",
     ]
-    errors = [(k, v["error"]) for k, v in results.items() if isinstance(v, dict) and "error" in v]
+    errors = _errors(results)
     if errors:
         lines += ["## Errors", ""]
         lines += [f"- {name}: {text}" for name, text in errors]
@@ -300,7 +300,10 @@ def markdown(
     return "\n".join(lines)
 
 
+def _errors(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(figure, error) for every figure that failed."""
+    return [(k, v["error"]) for k, v in results.items() if isinstance(v, dict) and "error" in v]
+
+
 def errors_text(results: dict[str, Any]) -> str:
-    return "\n".join(
-        f"{k}: {v['error']}" for k, v in results.items() if isinstance(v, dict) and "error" in v
-    )
+    return "\n".join(f"{name}: {text}" for name, text in _errors(results))

@@ -486,10 +486,7 @@ class RegistryProxy:
             await asyncio.shield(storing)
         except _StoreError as e:
             await _settled(writing)
-            if writer is not None:
-                writer.abort()
-            self.maintenance.store_failed(e.error)
-            fetch.fail(f"cannot store {fetch.digest}: {e.error}", StoreUnavailable)
+            self._store_failed(fetch, writer, e.error)
         except DigestMismatch as e:
             self.metrics.upstream_errors.inc()
             log.error("refusing blob %s from %s: %s", fetch.digest, origin.netloc, e)
@@ -512,15 +509,20 @@ class RegistryProxy:
                 self.executor, writer.commit, writer.written
             )
         except OSError as e:
-            writer.abort()
-            self.maintenance.store_failed(e)
-            fetch.fail(f"cannot store {fetch.digest}: {e}", StoreUnavailable)
+            self._store_failed(fetch, writer, e)
             return
         self.maintenance.store_ok()
         self.index.add_blob(fetch.digest, size)
         self.inflight.release(fetch)
         fetch.finish()
         self.maintenance.stored(fetch.digest, size)
+
+    def _store_failed(self, fetch: BlobFetch, writer: BlobWriter | None, error: OSError) -> None:
+        """The blob cannot be stored: its file goes, and readers fetch it directly."""
+        if writer is not None:
+            writer.abort()
+        self.maintenance.store_failed(error)
+        fetch.fail(f"cannot store {fetch.digest}: {error}", StoreUnavailable)
 
     # --- background tasks ---------------------------------------------------------------
 
