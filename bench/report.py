@@ -93,6 +93,18 @@ def rows(results: dict[str, Any]) -> list[Row]:
         ),
         _row(
             results,
+            "warm_pull",
+            "2. skopeo's CPU seconds per warm pull, via proxy (distribution)",
+            lambda r: (
+                f"{r['client_cpu_via_proxy_s']:.2f} s ({r['client_cpu_via_distribution_s']:.2f} s)"
+                if "client_cpu_via_proxy_s" in r
+                else "not measured"
+            ),
+            "report",
+            lambda r: None,
+        ),
+        _row(
+            results,
             "cold_pull",
             "3. cold image pull, proxy / direct",
             lambda r: f"{r['ratio']:.3f} ({r['proxy_s']:.2f} / {r['direct_s']:.2f} s{_spread(r)})",
@@ -268,9 +280,10 @@ def markdown(
         "2. `skopeo copy docker://… dir:<tmpfs>` of the whole image, through the warm "
         "proxy (HTTPS_PROXY) and from the warm distribution cache. skopeo fetches the "
         "layers of a `dir:` copy one after another and decrypts, hashes and writes each "
-        "in one goroutine, so its own CPU (about 3 s a pull here) sets most of the wall "
-        "time; the server CPU seconds per pull (/proc, around each run) are the part a "
-        "server answers for.",
+        "in one goroutine, so its own CPU sets most of the wall time: skopeo's CPU "
+        "seconds per pull (getrusage of the ended child) are shown for each server, beside "
+        "the server's own CPU seconds per pull (/proc, around each run), the part a server "
+        "answers for.",
         "3. The same copy through a proxy with an empty cache, and straight from the upstream.",
         f"4. {results.get('herd', {}).get('clients', '?')} clients started at once against "
         "a proxy with an empty cache; each client is one `curl --parallel --parallel-max 3` "

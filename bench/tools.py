@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -208,6 +209,12 @@ def skopeo_pull(
 
 
 # --- /proc -----------------------------------------------------------------------------
+
+
+def children_cpu_seconds() -> float:
+    """utime + stime of this process's children that have ended (the clients it ran)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def cpu_seconds(pid: int) -> float:
