@@ -234,11 +234,31 @@ class Prompter:
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
+    """An earlier file's mapping; {} when there is none. A file that cannot be read stops
+    make config: it would be overwritten, and whatever was added to it by hand lost."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        text = path.read_text()
+    except FileNotFoundError:
         return {}
-    return data if isinstance(data, dict) else {}
+    except OSError as e:
+        raise SystemExit(f"make config: cannot read {path}: {e.strerror}") from None
+    return _mapping(path, text)
+
+
+def _mapping(path: Path, text: str | bytes) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SystemExit(
+            f"make config: {path} is not valid YAML ({e}); fix it, or move it away to start anew"
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SystemExit(
+            f"make config: {path} must be a mapping of variables; fix it, or move it away"
+        )
+    return data
 
 
 def vault_secret(password_file: str | None) -> Any:
@@ -274,12 +294,22 @@ def read_secrets(path: Path, secret: Any) -> tuple[dict[str, Any], bool]:
             raw = vault_lib(secret).decrypt(raw)
         except Exception:  # wrong password: keep the file, ask anew
             return {}, False
-    data = yaml.safe_load(raw)
-    return (data if isinstance(data, dict) else {}), True
+    return _mapping(path, raw), True
 
 
-def earlier_answers(inv: Path, secret: Any) -> tuple[dict[str, Any], dict[str, Any], bool]:
-    """Earlier answers (stored form), per-host vars, and whether the secrets were readable."""
+@dataclass
+class Earlier:
+    """What an earlier run (or a hand) left in the inventory."""
+
+    answers: dict[str, Any]  # by question name, in stored form
+    host_vars: dict[str, Any]  # per host
+    hosts: dict[str, Any]  # hosts.yml as it was
+    variables: dict[str, Any]  # vars.yml as it was
+    secrets: dict[str, Any]  # secrets.yml as it was ({} when it could not be read)
+    secrets_readable: bool
+
+
+def earlier_answers(inv: Path, secret: Any) -> Earlier:
     hosts = load_yaml(inv / "hosts.yml")
     children = (hosts.get("all") or {}).get("children") or {}
     cache_hosts = (children.get("registry_cache") or {}).get("hosts") or {}
@@ -297,12 +327,13 @@ def earlier_answers(inv: Path, secret: Any) -> tuple[dict[str, Any], dict[str, A
         )
     if hosts:
         found["REGISTRY_CACHE_CLIENTS"] = [str(h) for h in client_hosts]
-    for key, value in load_yaml(inv / "group_vars" / "all" / "vars.yml").items():
+    variables = load_yaml(inv / "group_vars" / "all" / "vars.yml")
+    for key, value in variables.items():
         found[key.upper()] = value
     secrets, readable = read_secrets(inv / "group_vars" / "all" / "secrets.yml", secret)
     for key, value in secrets.items():
         found[key.upper()] = value
-    return found, host_vars, readable
+    return Earlier(found, host_vars, hosts, variables, secrets, readable)
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -357,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     inv: Path = args.inventory_dir
     secret = vault_secret(args.vault_password_file)
-    earlier, host_vars, secrets_readable = earlier_answers(inv, secret)
+    before = earlier_answers(inv, secret)
+    earlier, host_vars, secrets_readable = before.answers, before.host_vars, before.secrets_readable
     secrets_path = inv / "group_vars" / "all" / "secrets.yml"
     keep_secrets_file = False
 
@@ -471,9 +503,16 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     def v_auth_or_keep(text: str) -> str | None:
-        if not secrets_readable and text.strip().lower() == "keep":
+        if secrets_readable:
+            return v_auth(text)
+        if text.strip().lower() == "keep":
             return None
-        return v_auth(text)
+        # Replacing a file we cannot read would lose whatever else it holds.
+        raise Invalid(
+            f"{secrets_path} is encrypted and cannot be read without its vault password, so it"
+            " can only be kept: run make config again with --vault-password-file (or"
+            " REGISTRY_CACHE_VAULT_PASSWORD_FILE) to change it, or move it away to start anew"
+        )
 
     auth = p.ask(
         Question("REGISTRY_CACHE_AUTH_REGISTRIES", auth_prompt, v_auth_or_keep, auth_default, True)
@@ -490,20 +529,23 @@ def main(argv: list[str] | None = None) -> int:
             v.setdefault("ansible_connection", "local")
         return v
 
-    inventory = {
-        "all": {
-            "children": {
-                "registry_cache": {"hosts": {host: hvars(host, True) or None}},
-                "docker_clients": {"hosts": {c: hvars(c, False) or None for c in clients}},
-            }
-        }
-    }
-    if not clients:
-        inventory["all"]["children"]["docker_clients"] = {"hosts": {}}
+    # Everything make config does not ask about (other groups, vars, variables and secrets
+    # added by hand) stays as it was: only the answers are written over.
+    inventory = dict(before.hosts)
+    everyone = dict(inventory.get("all") or {})
+    children = dict(everyone.get("children") or {})
+    for group, members in (
+        ("registry_cache", {host: hvars(host, True) or None}),
+        ("docker_clients", {c: hvars(c, False) or None for c in clients}),
+    ):
+        children[group] = {**(children.get(group) or {}), "hosts": members}
+    everyone["children"] = children
+    inventory["all"] = everyone
     write_file(inv / "hosts.yml", dump("Written by make config.", inventory), 0o644)
 
-    env_to_var = {env: env.lower() for env in answers}
-    variables = {env_to_var[env]: value for env, value in answers.items()}
+    asked = {*answers, "REGISTRY_CACHE_AUTH_REGISTRIES"}  # the last one lives in secrets.yml
+    variables = {k: v for k, v in before.variables.items() if k.upper() not in asked}
+    variables.update({env.lower(): value for env, value in answers.items()})
     write_file(
         inv / "group_vars" / "all" / "vars.yml",
         dump("Written by make config (secrets are in secrets.yml).", variables),
@@ -516,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         data = dump(
             "Written by make config. Secret: mode 0600, git-ignored.",
-            {"registry_cache_auth_registries": auth},
+            {**before.secrets, "registry_cache_auth_registries": auth},
         )
         if secret is not None:
             data = vault_lib(secret).encrypt(data)

@@ -245,3 +245,67 @@ def test_vault_encrypted_secrets(checkout: Path, tmp_path: Path) -> None:
     again = make_config(checkout, env, "\n")
     assert again.returncode == 0, again.stdout + again.stderr
     assert (checkout / SECRETS).read_text() == raw
+
+
+def test_what_was_added_by_hand_survives_a_rerun(checkout: Path) -> None:
+    """make config writes over its own answers only: groups, variables and secrets added to
+    the inventory by hand are still there after a re-run that changes an answer."""
+    assert make_config(checkout, clean_env(**FULL_ENV)).returncode == 0
+    inv_dir = checkout / "inventory"
+    hosts_file = inv_dir / "hosts.yml"
+    hosts_file.write_text(
+        hosts_file.read_text()
+        + "    monitoring:\n      hosts:\n        mon1:\n  vars:\n    ansible_user: ops\n"
+    )
+    hosts_file.write_text(
+        hosts_file.read_text().replace(
+            "    docker_clients:\n",
+            "    docker_clients:\n      vars:\n        docker_role: fleet\n",
+        )
+    )
+    vars_file = inv_dir / "group_vars/all/vars.yml"
+    vars_file.write_text(vars_file.read_text() + "registry_cache_prefetch:\n  - alpine:3.20\n")
+    secrets_file = checkout / SECRETS
+    secrets_file.write_text(
+        secrets_file.read_text() + "registry_cache_prefetch_proxy_password: hunter22\n"
+    )
+
+    again = make_config(checkout, clean_env(**dict(FULL_ENV, REGISTRY_CACHE_MAX_SIZE="300g")))
+    assert again.returncode == 0, again.stdout + again.stderr
+    inv = inventory(checkout)
+    assert inv["monitoring"]["hosts"] == ["mon1"]
+    cache = inv["_meta"]["hostvars"]["cache1.example.net"]
+    assert cache["ansible_user"] == "ops"
+    assert inv["_meta"]["hostvars"]["docker1"]["docker_role"] == "fleet"
+    assert cache["registry_cache_max_size"] == "300g"
+    assert cache["registry_cache_prefetch"] == ["alpine:3.20"]
+    assert cache["registry_cache_prefetch_proxy_password"] == "hunter22"
+    assert cache["registry_cache_auth_registries"] == FULL_ENV["REGISTRY_CACHE_AUTH_REGISTRIES"]
+    assert_secret_file_private(checkout)
+    assert "hunter22" not in vars_file.read_text()
+
+
+def test_a_broken_inventory_file_stops_it_untouched(checkout: Path) -> None:
+    assert make_config(checkout, clean_env(**FULL_ENV)).returncode == 0
+    vars_file = checkout / "inventory/group_vars/all/vars.yml"
+    broken = vars_file.read_text() + "registry_cache_prefetch: [alpine\n"
+    vars_file.write_text(broken)
+    result = make_config(checkout, clean_env(**FULL_ENV))
+    assert result.returncode != 0
+    assert f"{vars_file} is not valid YAML" in result.stderr
+    assert vars_file.read_text() == broken
+
+
+def test_an_unreadable_vault_file_is_kept_not_replaced(checkout: Path, tmp_path: Path) -> None:
+    """Without the vault password the encrypted secrets cannot be merged, so new credentials
+    are refused with the way out, instead of replacing whatever else the file holds."""
+    password_file = tmp_path / "vault-pass"
+    password_file.write_text("correct horse battery staple\n")
+    env = clean_env(**FULL_ENV, REGISTRY_CACHE_VAULT_PASSWORD_FILE=str(password_file))
+    assert make_config(checkout, env).returncode == 0
+    raw = (checkout / SECRETS).read_text()
+
+    result = make_config(checkout, clean_env(**FULL_ENV))
+    assert result.returncode != 0
+    assert "--vault-password-file" in result.stderr
+    assert (checkout / SECRETS).read_text() == raw
