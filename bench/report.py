@@ -45,10 +45,11 @@ def _row(
 
 
 def _spread(r: dict[str, Any]) -> str:
-    """The quartiles of a comparison's paired ratios, where the run recorded them."""
+    """How many pairs, and the quartiles of their ratios, where the run recorded them."""
     if "ratio_quartiles" not in r:
         return ""
-    return "; pairs' quartiles {:.2f}-{:.2f}".format(*r["ratio_quartiles"])
+    pairs = min(len(v) for v in r["samples_s"].values())
+    return "; {} pairs, quartiles {:.2f}-{:.2f}".format(pairs, *r["ratio_quartiles"])
 
 
 def rows(results: dict[str, Any]) -> list[Row]:
