@@ -228,9 +228,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.client = str(peer[0]) if peer else "-"
-        if not self.server.client_allowed(self.client):
-            log.warning("refused client %s: not in allowed_clients", self.client)
-            self._refuse(403, f"client {self.client} is not in this cache's allowed_clients")
+        if not self.server.client_allowed(self.client) and not is_loopback(self.client):
+            self._refuse_client()
             return
         self.slot = self.server.slots.take(self.client)
         if self.slot is None:
@@ -258,6 +257,10 @@ class ClientConnection(asyncio.Protocol):
             408, f"no complete request head within {self.server.config.head_timeout:g} seconds"
         )
 
+    def _refuse_client(self) -> None:
+        log.warning("refused client %s: not in allowed_clients", self.client)
+        self._refuse(403, f"client {self.client} is not in this cache's allowed_clients")
+
     def _refuse(self, status: int, message: str, extra: str = "") -> None:
         self._cancel_timer()
         if self.transport is not None and not self.transport.is_closing():
@@ -279,6 +282,9 @@ class ClientConnection(asyncio.Protocol):
             return
         self._cancel_timer()
         if self.buffer.startswith(b"CONNECT "):
+            if not self.server.client_allowed(self.client):
+                self._refuse_client()  # loopback outside allowed_clients: own pages only
+                return
             parsed = _parse_head(bytes(self.buffer[:end]))
             rest = bytes(self.buffer[end + 4 :])
             transport, slot = self.transport, self.slot
@@ -294,6 +300,21 @@ class ClientConnection(asyncio.Protocol):
         self.transport = self.slot = None
         self.server.plain_http().attach(transport, slot, bytes(self.buffer))
         self.buffer.clear()
+
+
+def _client_address(client: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(client.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def is_loopback(client: str) -> bool:
+    address = _client_address(client)
+    return address is not None and address.is_loopback
 
 
 class ProxyServer:
@@ -365,13 +386,10 @@ class ProxyServer:
     # --- policy -------------------------------------------------------------------------
 
     def client_allowed(self, client: str) -> bool:
-        try:
-            address = ipaddress.ip_address(client.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.config.allowed_clients)
+        address = _client_address(client)
+        return address is not None and any(
+            address in network for network in self.config.allowed_clients
+        )
 
     def disposition(self, host: str, port: int) -> str | None:
         """'passthrough', 'intercept', or None when neither list admits host:port."""
@@ -535,6 +553,15 @@ class ProxyServer:
         target = request.raw_path
         if target.startswith("/"):
             return await self._own_page(request)
+        if not self.client_allowed(client):
+            # The cache host itself may read the cache's own pages (its health check runs
+            # there) even when allowed_clients leaves loopback out, but not use the proxy.
+            log.warning("refused client %s: not in allowed_clients", client)
+            return web.Response(
+                status=403,
+                text=f"client {client} is not in this cache's allowed_clients\n",
+                headers={CACHE_HEADER: "PASS"},
+            )
         if request.method == "CONNECT":
             return web.Response(
                 status=400,

@@ -3,13 +3,14 @@ and the proxy's own pages answer on the same port, over IPv4 and IPv6."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import urllib.request
 
 import pytest
 import yaml
-from support.client import raw_exchange
+from support.client import raw_exchange, read_response
 from support.images import make_image, skopeo
 
 pytestmark = pytest.mark.integration
@@ -66,3 +67,39 @@ def test_own_pages_over_ipv4_and_ipv6(proxy_factory):
             assert json.load(resp)["status"] == "ok"
         with urllib.request.urlopen(f"http://{host}:{proxy.port}/ca.crt", timeout=10) as resp:
             assert resp.read().startswith(b"-----BEGIN CERTIFICATE-----")
+
+
+def test_loopback_outside_allowed_clients_reads_own_pages_only(make_registry, proxy_factory):
+    """allowed_clients without loopback: the cache host still reads /healthz and /ca.crt
+    (its health check and `make install` run there), but cannot use the proxy, neither by
+    CONNECT nor by an absolute-form request, not even later on a kept-alive connection."""
+    reg = make_registry("scratch.rc.test", tls=False)
+    proxy = proxy_factory(allowed_clients=["10.0.0.0/8"])
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.port}/healthz", timeout=10) as resp:
+        assert json.load(resp)["status"] == "ok"
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.port}/ca.crt", timeout=10) as resp:
+        assert resp.read().startswith(b"-----BEGIN CERTIFICATE-----")
+
+    connect = f"CONNECT {reg.netloc} HTTP/1.1\r\nHost: {reg.netloc}\r\n\r\n".encode()
+    refused = raw_exchange(proxy.port, connect)
+    assert refused.status == 403 and b"allowed_clients" in refused.body, refused
+    status, _, body = absolute_get(proxy.port, reg.netloc, "/v2/")
+    assert status == 403 and b"allowed_clients" in body, body
+
+    async def own_page_then_proxying() -> list[int]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: cache\r\n\r\n")
+            first = await read_response(reader, "GET")
+            writer.write(
+                f"GET http://{reg.netloc}/v2/ HTTP/1.1\r\nHost: {reg.netloc}\r\n\r\n".encode()
+            )
+            second = await read_response(reader, "GET")
+            return [first.status, second.status]
+        finally:
+            writer.close()
+
+    assert asyncio.run(own_page_then_proxying()) == [200, 403]
+    assert not [r for r in reg.requests() if r.path.startswith("/v2")], (
+        "a refused request went upstream"
+    )
