@@ -147,6 +147,7 @@ class _Pipe(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._early = bytearray()
         self._early_eof = self._early_lost = False
+        self.got_eof = False  # this side has finished sending
 
     def attach(self, peer: asyncio.Transport) -> None:
         self.peer = peer
@@ -168,9 +169,16 @@ class _Pipe(asyncio.Protocol):
             self._early += data
 
     def eof_received(self) -> bool:
+        self.got_eof = True
         if self.peer is None:
             self._early_eof = True
             return True
+        partner = self.peer.get_protocol()
+        if isinstance(partner, _Pipe) and partner.got_eof:
+            # Both ends have finished sending: nothing more can flow either way, so the
+            # tunnel ends here (else its two sockets and the client's slot stay forever).
+            self.peer.close()
+            return False
         if self.peer.can_write_eof():
             self.peer.write_eof()
             return True
@@ -312,6 +320,13 @@ def _client_address(client: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addres
     return address
 
 
+def valid_host_name(host: str) -> bool:
+    """A DNS name the resolver can take: labels of 1-63 characters, 253 in all (an empty
+    or overlong label makes getaddrinfo raise UnicodeError, not OSError)."""
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 253 and all(0 < len(label) <= 63 for label in name.split("."))
+
+
 def is_loopback(client: str) -> bool:
     address = _client_address(client)
     return address is not None and address.is_loopback
@@ -421,6 +436,10 @@ class ProxyServer:
         except (ConnectionError, OSError, ssl.SSLError, TimeoutError) as e:
             log.info("CONNECT from %s ended: %s", client, e)
             transport.abort()
+        except Exception:
+            # A bug of ours: the connection must still end, or it would sit paused forever.
+            log.exception("internal error on a CONNECT from %s", client)
+            transport.abort()
         finally:
             if not handed_over:
                 slot.release()
@@ -457,6 +476,8 @@ class ProxyServer:
                 host = str(ipaddress.IPv6Address(host))
             except ValueError:
                 return refuse(400, f"CONNECT target {target[:100]!r} has an invalid IPv6 address")
+        elif not valid_host_name(host):
+            return refuse(400, f"CONNECT target {target[:100]!r} is not a valid host name")
         ok, user = self.proxy_user(headers.get("proxy-authorization"))
         if not ok:
             return refuse(
@@ -589,6 +610,12 @@ class ProxyServer:
                 headers={CACHE_HEADER: "PASS"},
             )
         host, port = url.host.lower(), url.explicit_port or 80
+        if not (valid_host_name(host) or _client_address(host) is not None):
+            return web.Response(
+                status=400,
+                text=f"{host[:100]!r} is not a valid host name\n",
+                headers={CACHE_HEADER: "PASS"},
+            )
         if port != 80 and port not in self.config.allowed_ports:
             return web.Response(
                 status=403,

@@ -128,6 +128,10 @@ MALFORMED = [
     b"CONNECT registry.rc.test:443/x HTTP/1.1\r\n\r\n",
     b"CONNECT %72egistry.rc.test:443 HTTP/1.1\r\n\r\n",
     b"CONNECT http://registry.rc.test:443 HTTP/1.1\r\n\r\n",
+    # names the resolver refuses with UnicodeError (an empty or a 64-character label)
+    b"CONNECT registry..rc.test:443 HTTP/1.1\r\n\r\n",
+    b"CONNECT " + b"r" * 64 + b".rc.test:443 HTTP/1.1\r\n\r\n",
+    b"GET http://registry..rc.test/v2/ HTTP/1.1\r\nHost: x\r\n\r\n",
 ]
 
 
@@ -518,6 +522,42 @@ def test_passthrough_upstream_that_speaks_first_and_hangs_up(module_proxy, aio, 
             assert got.endswith(b"\r\n\r\n" + banner), got[-100:]
         stderr = proxy.stderr()
         assert "Traceback" not in stderr and "ERROR" not in stderr, stderr[-3000:]
+    finally:
+        server.close()
+
+
+def test_finished_tunnels_give_their_connections_back(module_proxy, aio, upstream_ports):
+    """A passthrough tunnel whose two ends have both finished sending (the upstream closes,
+    then the client) is closed by the proxy: its sockets and the client's connection slot
+    are freed, so the client can open many more than max_connections_per_client in turn."""
+
+    async def answer_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"hello\r\n")
+        writer.close()
+
+    server = aio.run(asyncio.start_server(answer_and_close, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    upstream_ports.add(port)
+    try:
+        proxy = module_proxy(
+            passthrough=["scratch.rc.test"], allowed_ports=[443, port], max_connections_per_client=3
+        )
+
+        async def one() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            try:
+                writer.write(connect_head(f"scratch.rc.test:{port}"))
+                await writer.drain()
+                async with asyncio.timeout(10):
+                    return await reader.read()  # to EOF
+            finally:
+                writer.close()
+                await writer.wait_closed()
+
+        for i in range(12):
+            got = asyncio.run(one())
+            assert got.startswith(b"HTTP/1.1 200 "), f"tunnel {i + 1}: {got[:200]!r}"
+            time.sleep(0.05)  # the proxy sees the client's FIN
     finally:
         server.close()
 
