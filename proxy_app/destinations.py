@@ -17,6 +17,7 @@ import socket
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
+from yarl import URL
 
 from .config import Config
 
@@ -80,9 +81,31 @@ class DestinationPolicy:
         self._explicit = tuple(
             g for g in (*config.intercept, *config.passthrough) if g not in WILDCARDS
         )
+        # The parent proxy is the admin's own choice (often on the cache host itself).
+        parent = URL(config.upstream_proxy) if config.upstream_proxy else None
+        self._parent = (parent.host.lower(), parent.port) if parent and parent.host else None
 
     def explicitly_allowed(self, host: str, port: int) -> bool:
+        if self._parent is not None and (host.lower(), port) == self._parent:
+            return True
         return host_matches(self._explicit, host.lower(), port)
+
+    def check_redirect(self, url: URL) -> None:
+        """A redirect's target: http(s), on a default or allowed port, and, for an IP
+        address (which aiohttp connects to without asking the resolver), not one the
+        policy refuses. Raises DestinationRefused."""
+        host, port = (url.host or "").lower(), url.port or 0
+        if url.scheme not in ("http", "https") or not host:
+            raise DestinationRefused(f"redirect to {url.scheme}:// refused (http or https only)")
+        if port not in (80, 443) and port not in self.config.allowed_ports:
+            raise DestinationRefused(f"redirect to port {port} refused (allowed_ports)")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return  # a name: the resolver checks its addresses
+        reason = self.refusal(host, port, [host])
+        if reason:
+            raise DestinationRefused(f"redirect refused: {reason}")
 
     def refusal(self, host: str, port: int, addresses: list[str]) -> str | None:
         """Why connecting to these addresses of host:port is refused, or None."""

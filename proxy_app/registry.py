@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import ssl
 from collections.abc import Coroutine, Mapping
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -38,7 +40,7 @@ from .responses import (
     stream_blob,
 )
 from .routes import PUSH_METHODS, BadRoute, Route, RouteKind, parse_route
-from .upstream import UPSTREAM_ERRORS, Origin
+from .upstream import UPSTREAM_ERRORS, Origin, describe
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +53,6 @@ class Refusal:
 
     def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
         self.status, self.headers, self.body = status, dict(headers), body
-
-
-def describe(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return text.splitlines()[0][:200]
 
 
 class RegistryProxy:
@@ -130,6 +127,12 @@ class RegistryProxy:
         raw = ex.path
         if not raw.startswith("/"):
             raise BadRoute("UNSUPPORTED", "the request target must be a path starting with /")
+        if _disguised_v2(raw):
+            # The push refusal and the allow lists look at the literal /v2/ prefix; a
+            # registry decodes `/%762/` or `//v2/` to the same API, so such paths stop here.
+            raise BadRoute(
+                "NAME_INVALID", "the path must start with /v2/ as it is, not percent-encoded"
+            )
         if raw.startswith("/v2/") and method in PUSH_METHODS:
             ex.kind = "push"
             if not self.config.allow_push:
@@ -558,6 +561,15 @@ class _StoreError(Exception):
 def _relayable(headers: Mapping[str, str]) -> dict[str, str]:
     keep = ("content-type", "www-authenticate", "docker-distribution-api-version")
     return {k: v for k, v in headers.items() if k.lower() in keep}
+
+
+def _disguised_v2(raw: str) -> bool:
+    """A path a registry would route to its /v2 API that does not literally start so."""
+    path = raw.split("?", 1)[0]
+    if path == "/v2" or path.startswith("/v2/"):
+        return False
+    normal = re.sub(r"/{2,}", "/", unquote(path))
+    return normal == "/v2" or normal.startswith("/v2/")
 
 
 def _unnamed_v2(raw: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +45,18 @@ HOP_BY_HOP = frozenset(
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError)
+
+
+_URL_USERINFO = re.compile(r"(\w+://)[^/@\s'\"]+@")
+_URL_QUERY = re.compile(r"(\w+://[^\s?'\"]+)\?[^\s'\"]*")
+
+
+def describe(error: BaseException) -> str:
+    """An error's first line for a client's answer and the log, without secrets: a URL's
+    user and password (a parent proxy's) and its query (a CDN's signature) are cut."""
+    text = str(error) or type(error).__name__
+    text = _URL_QUERY.sub(r"\1?…", _URL_USERINFO.sub(r"\1…@", text))
+    return text.splitlines()[0][:200]
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,7 @@ class Upstream:
         if config.upstream_ca_bundle is not None:
             ctx.load_verify_locations(cafile=str(config.upstream_ca_bundle))
         self._ssl = ctx
+        self._policy = DestinationPolicy(config)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -92,7 +106,7 @@ class Upstream:
             limit=0,
             limit_per_host=64,
             ttl_dns_cache=60,
-            resolver=GuardedResolver(DestinationPolicy(self._config)),
+            resolver=GuardedResolver(self._policy),
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -119,7 +133,8 @@ class Upstream:
         self, origin: Origin, client_headers: Mapping[str, str], cache_credentials: bool = True
     ) -> CIMultiDict[str]:
         headers = forwardable(client_headers)
-        if cache_credentials and "Authorization" not in headers:
+        # Never over plain HTTP: anyone on the path would read the password.
+        if cache_credentials and origin.scheme == "https" and "Authorization" not in headers:
             creds = self.credentials_for(origin)
             if creds is not None:
                 token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
@@ -153,7 +168,11 @@ class Upstream:
             if not (follow_redirects and response.status in REDIRECT_STATUSES and location):
                 return response
             response.release()
-            target = url.join(URL(location, encoded=True))
+            try:
+                target = url.join(URL(location, encoded=True))
+            except ValueError as e:
+                raise aiohttp.InvalidURL(location[:200]) from e
+            self._policy.check_redirect(target)
             if target.origin() != url.origin():
                 # The registry's credentials are for the registry; a CDN or S3 URL carries
                 # its own signature and must not see them.

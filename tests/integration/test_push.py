@@ -51,7 +51,18 @@ def test_push_refused_by_default(registry: Registry, proxy_factory, tmp_path: Pa
         errors = doc["errors"]
         assert errors and errors[0]["code"], doc
         assert "push" in errors[0]["message"].lower(), doc
-    assert not [r for r in registry.requests() if r.method in WRITES and "/pub/pushed/" in r.uri]
+    # The same API spelled so that a registry decodes it to /v2/ (percent-encoded, doubled
+    # slashes): refused too, never passed through as "not a registry path".
+    for method, path in [
+        ("PUT", "/%762/pub/pushed/manifests/1"),
+        ("PUT", "//v2/pub/pushed/manifests/1"),
+        ("POST", "/v2%2Fpub/pushed/blobs/uploads/"),
+        ("POST", "/%2Fv2/pub/pushed/blobs/uploads/"),
+    ]:
+        resp = fetch(*args, method, path, {"Content-Type": "application/json"}, b"{}")
+        assert resp.status == 400, (method, path, resp.status, resp.text())
+        assert json.loads(resp.body)["errors"][0]["code"] == "NAME_INVALID", resp.text()
+    assert not [r for r in registry.requests() if r.method in WRITES and "pushed" in r.uri]
 
 
 def test_push_allowed(registry: Registry, proxy_factory, tmp_path: Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
@@ -99,3 +100,47 @@ def test_image_with_redirected_layers_pulls_with_skopeo(
     served = {s.path.split("/data/")[1].split("?")[0] for s in cdn.seen}
     assert set(img.blob_digests) <= served
     assert all(s.authorization is None for s in cdn.seen)
+
+
+def test_redirect_to_a_refused_address_is_not_followed(
+    registry: Registry, aio: AioThread, pki: Pki, upstream_ports: set[int], proxy_factory
+):
+    """A registry (or whoever answers for it) redirecting a blob to an address the cache
+    refuses, written as an IP address (aiohttp connects to those without asking the
+    guarded resolver): loopback here, the cloud metadata address in the wild. The proxy
+    answers 502 with the reason and never connects there."""
+    hits: list[bytes] = []
+
+    async def metadata(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hits.append(await reader.read(200))
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\n{"secret": "key"}')
+        writer.close()
+
+    server = aio.run(asyncio.start_server(metadata, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    front = Front(
+        aio,
+        "redir.rc.test",
+        pki.server,
+        registry.netloc,
+        pki.ca_path,
+        redirect_blobs_to=f"http://127.0.0.1:{port}",
+    ).start()
+    # both ports allowed: what is refused is the address
+    upstream_ports.update({port, front.port})
+    try:
+        data = os.urandom(50_000)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        registry.upload_blob("pub/ssrf", data, digest)
+        proxy = proxy_factory()
+        resp = fetch(
+            proxy.port, str(proxy.ca_path), front.hostname, front.port, "GET",
+            f"/v2/pub/ssrf/blobs/{digest}",
+        )  # fmt: skip
+        assert resp.status == 502, (resp.status, resp.text()[:300])
+        assert "redirect refused" in resp.text() and "loopback" in resp.text(), resp.text()
+        assert b"secret" not in resp.body
+        assert hits == [], "the proxy connected to the refused address"
+    finally:
+        front.stop()
+        server.close()
