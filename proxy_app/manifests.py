@@ -25,13 +25,29 @@ from .exchange import Exchange
 from .index import TagEntry
 from .responses import API_VERSION, CACHE_HEADER, error_response, read_body, relay
 from .routes import Route
-from .upstream import UPSTREAM_ERRORS, Origin
+from .upstream import UPSTREAM_ERRORS, Origin, describe
 
 log = logging.getLogger(__name__)
 
 # distribution refuses manifests over 4 MiB; anything larger is not a manifest.
 MAX_MANIFEST_SIZE = 4 << 20
 DEFAULT_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+# Indexes (manifest lists): a registry stores them and never makes one up, but gives a
+# client that accepts neither the default platform's image manifest picked out of it.
+INDEX_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    }
+)
+# Docker schema 1, which distribution rewrites a schema 2 manifest into for a client that
+# does not accept schema 2.
+SCHEMA1_TYPES = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    }
+)
 
 
 class UpstreamAnswerInvalid(Exception):
@@ -47,6 +63,24 @@ def accept_variant(values: list[str]) -> str:
         if part.strip()
     }
     return ",".join(sorted(types))
+
+
+def _reusable(media_type: str, got_by: set[str], accepted: set[str]) -> bool:
+    """Whether a tag's answer of `media_type`, given to a client accepting `got_by`, is
+    what the registry gives a client accepting `accepted` too.
+
+    An index is stored, and given as it is to every client that accepts its type. An image
+    manifest may instead be what the registry picked out of an index (the linux/amd64 one,
+    for an old client accepting no index type) or rewrote from schema 2 into schema 1. It
+    is this client's answer too only when the first client also accepted every such source
+    type this client accepts: had the tag stored one of those, the first client would have
+    got it as it is, and this client gets the same conversion as the first."""
+    if media_type not in accepted:
+        return False
+    if media_type in INDEX_TYPES:
+        return True
+    sources = INDEX_TYPES | {DEFAULT_MEDIA_TYPE} if media_type in SCHEMA1_TYPES else INDEX_TYPES
+    return accepted & sources <= got_by
 
 
 def _upstream_failed(status: int) -> bool:
@@ -298,12 +332,16 @@ class ManifestCache:
         A registry returns a tag's stored manifest as it is whenever the client accepts its
         media type, and converts or picks another only when it does not. So an answer that
         another client got (a `prefetch`, another Docker version) is the right one for this
-        client too when its media type is among those this client accepts."""
+        client too when it cannot be such a conversion for this client (_reusable)."""
         variants = self.index.tag_variants(*key[:3])
         if variant in variants:
             return variants[variant]
         accepted = set(variant.split(",")) if variant else set()
-        fitting = [e for e in variants.values() if e.media_type in accepted]
+        fitting = [
+            e
+            for got_by, e in variants.items()
+            if _reusable(e.media_type, set(got_by.split(",")) if got_by else set(), accepted)
+        ]
         return max(fitting, key=lambda e: e.checked_at, default=None)
 
     async def _revalidate(
@@ -323,7 +361,7 @@ class ManifestCache:
         except UPSTREAM_ERRORS as e:
             self.metrics.upstream_errors.inc()
             if stale_ok:
-                ex.result, ex.note = "STALE", f"upstream unreachable: {e}"[:200]
+                ex.result, ex.note = "STALE", f"upstream unreachable: {describe(e)}"
                 return True
             return None
         try:
@@ -349,5 +387,6 @@ class ManifestCache:
         ex: Exchange,
     ) -> web.Response:
         self.metrics.upstream_errors.inc()
-        ex.result, ex.note = "STALE", f"upstream {origin.netloc} failed: {cause}"[:200]
+        why = describe(cause) if isinstance(cause, BaseException) else str(cause)
+        ex.result, ex.note = "STALE", f"upstream {origin.netloc} failed: {why}"
         return self._answer(request, *cached, entry.digest, ex)
