@@ -3,6 +3,7 @@ and each user's `allow` list of host/repository globs."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import fnmatch
@@ -17,6 +18,9 @@ from .config import ProxyUser
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
 VERIFIED_CACHE_SIZE = 1024
+# scrypt runs (about 40 ms each) at once, in threads: wrong passwords then cost their
+# senders waiting time, not the event loop's (which serves every transfer).
+CONCURRENT_VERIFICATIONS = 2
 
 
 def hash_password(password: str) -> str:
@@ -51,12 +55,13 @@ class ProxyAuthenticator:
     def __init__(self, users: tuple[ProxyUser, ...]) -> None:
         self._users = {u.name: u for u in users}
         self._verified: OrderedDict[bytes, ProxyUser] = OrderedDict()
+        self._verifying = asyncio.Semaphore(CONCURRENT_VERIFICATIONS)
 
     @property
     def enabled(self) -> bool:
         return bool(self._users)
 
-    def authenticate(self, header: str | None) -> ProxyUser | None:
+    async def authenticate(self, header: str | None) -> ProxyUser | None:
         if not header:
             return None
         key = hashlib.sha256(header.encode()).digest()
@@ -74,7 +79,13 @@ class ProxyAuthenticator:
         except (ValueError, binascii.Error):
             return None
         candidate = self._users.get(name)
-        if candidate is None or not verify_password(password, candidate.password_hash):
+        if candidate is None:
+            return None
+        async with self._verifying:
+            ok = await asyncio.get_running_loop().run_in_executor(
+                None, verify_password, password, candidate.password_hash
+            )
+        if not ok:
             return None
         self._verified[key] = candidate
         if len(self._verified) > VERIFIED_CACHE_SIZE:

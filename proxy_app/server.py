@@ -414,10 +414,10 @@ class ProxyServer:
             return "intercept"
         return None
 
-    def proxy_user(self, header: str | None) -> tuple[bool, ProxyUser | None]:
+    async def proxy_user(self, header: str | None) -> tuple[bool, ProxyUser | None]:
         if not self.auth.enabled:
             return True, None
-        user = self.auth.authenticate(header)
+        user = await self.auth.authenticate(header)
         return user is not None, user
 
     # --- CONNECT ------------------------------------------------------------------------
@@ -478,7 +478,7 @@ class ProxyServer:
                 return refuse(400, f"CONNECT target {target[:100]!r} has an invalid IPv6 address")
         elif not valid_host_name(host):
             return refuse(400, f"CONNECT target {target[:100]!r} is not a valid host name")
-        ok, user = self.proxy_user(headers.get("proxy-authorization"))
+        ok, user = await self.proxy_user(headers.get("proxy-authorization"))
         if not ok:
             return refuse(
                 407,
@@ -589,7 +589,7 @@ class ProxyServer:
                 text="CONNECT must be the first request on a connection\n",
                 headers={CACHE_HEADER: "PASS"},
             )
-        ok, user = self.proxy_user(request.headers.get("Proxy-Authorization"))
+        ok, user = await self.proxy_user(request.headers.get("Proxy-Authorization"))
         if not ok:
             return web.Response(
                 status=407,
