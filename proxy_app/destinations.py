@@ -32,9 +32,14 @@ class DestinationRefused(OSError):
 
 
 def host_matches(globs: tuple[str, ...], host: str, port: int) -> bool:
-    """Whether host (or host:port, for globs that name a port) matches one of `globs`."""
+    """Whether host (or host:port, for globs that name a port) matches one of `globs`.
+    An IPv6 address is written in brackets, as in a glob (`[fd00::5]`, `[fd00::5]:5000`)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
     for glob in globs:
         names_port = re.search(r":[0-9*?]+$", glob) is not None and not glob.endswith("]")
+        if glob.startswith("["):  # a literal bracket for fnmatch, not a character class
+            glob = "[[]" + glob[1:]
         if fnmatch.fnmatchcase(f"{host}:{port}" if names_port else host, glob):
             return True
     return False

@@ -71,13 +71,16 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | Literal[Fals
     (the whole body is sent), False when unsatisfiable (416)."""
     if not header:
         return None
-    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    # Numbers past 30 digits exceed any size (and int() refuses past 4300 digits).
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d{0,30})\s*-\s*(\d{0,30})\s*", header)
     if not m or (not m.group(1) and not m.group(2)):
-        return None
+        return None  # not one range we serve: the whole body (RFC 9110 lets us ignore it)
     if not m.group(1):  # suffix range: the last N bytes
         n = int(m.group(2))
         return (max(size - n, 0), size) if n > 0 and size > 0 else False
     start = int(m.group(1))
+    if m.group(2) and int(m.group(2)) < start:
+        return None  # last < first: an invalid range-spec, so the header is ignored
     end = min(int(m.group(2)) + 1, size) if m.group(2) else size
     if start >= size or end <= start:
         return False

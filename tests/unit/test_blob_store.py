@@ -52,6 +52,9 @@ def test_ranges() -> None:
     assert parse_range("bytes=95-200", 100) == (95, 100)
     assert parse_range("bytes=100-", 100) is False
     assert parse_range("bytes=0-1,5-6", 100) is None  # several ranges: the whole body
+    assert parse_range("bytes=5-3", 100) is None  # last < first: invalid, so ignored
+    assert parse_range("bytes=0-" + "9" * 5000, 100) is None  # no 500 from int()
+    assert parse_range("bytes=" + "9" * 30 + "-", 100) is False
 
 
 def test_readers_never_get_the_last_byte_before_verification(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 from yarl import URL
 
 from proxy_app.config import Config, Credentials
-from proxy_app.destinations import DestinationPolicy, DestinationRefused
+from proxy_app.destinations import DestinationPolicy, DestinationRefused, host_matches
 from proxy_app.upstream import Origin, Upstream, describe
 
 CONFIG = Config(allowed_ports=frozenset({443, 5000}))
@@ -64,3 +64,12 @@ def test_the_parent_proxy_may_be_on_loopback() -> None:
     assert policy.refusal("localhost", 3129, ["127.0.0.1"]) is None
     assert policy.refusal("localhost", 3130, ["127.0.0.1"]) is not None
     assert DestinationPolicy(CONFIG).refusal("localhost", 3129, ["127.0.0.1"]) is not None
+
+
+def test_ipv6_hosts_match_bracketed_globs() -> None:
+    globs = ("[fd00::5]:5000", "[fd00::6]")
+    assert host_matches(globs, "fd00::5", 5000)
+    assert not host_matches(globs, "fd00::5", 443)
+    assert host_matches(globs, "fd00::6", 443)
+    # a bracket is not a character class: one-character hosts do not match
+    assert not host_matches(globs, "d", 443) and not host_matches(globs, "5", 443)
