@@ -11,9 +11,11 @@ again.
 Writes:
   inventory/hosts.yml                      the groups registry_cache and docker_clients
   inventory/group_vars/all/vars.yml        the settings (not secret)
-  inventory/group_vars/all/secrets.yml     registry credentials: mode 0600, git-ignored,
-                                           vault-encrypted when a vault password file is
-                                           given (REGISTRY_CACHE_VAULT_PASSWORD_FILE or
+  inventory/group_vars/all/secrets.yml     registry credentials, and the parent proxy URL
+                                           when it holds user:password@: mode 0600,
+                                           git-ignored, vault-encrypted when a vault
+                                           password file is given
+                                           (REGISTRY_CACHE_VAULT_PASSWORD_FILE or
                                            --vault-password-file)
 """
 
@@ -51,6 +53,8 @@ DEFAULT_ALLOWED_CLIENTS = (
     "127.0.0.0/8 ::1/128 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 100.64.0.0/10 fc00::/7"
 )
 HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# A URL's scheme, its user information (before the first @ of the authority), the rest.
+USERINFO_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/@\s]*)@(.*)", re.S)
 
 
 class Invalid(ValueError):
@@ -138,8 +142,17 @@ def v_proxy_url(text: str) -> str:
         return ""
     try:
         return parse_proxy_url(text.strip()) or ""
-    except ConfigError as e:
-        raise Invalid(str(e)) from None
+    except ConfigError:
+        # Not the parser's message: it would repeat the password.
+        raise Invalid(
+            f"{mask_url(text.strip())!r} is not a proxy URL such as http://proxy.example:3128"
+            " (or http://user:password@proxy.example:3128)"
+        ) from None
+
+
+def has_userinfo(url: str) -> bool:
+    """Whether a URL carries credentials (user:password@ or a token@)."""
+    return bool(USERINFO_RE.match(url))
 
 
 def v_serial(text: str) -> int | str:
@@ -167,7 +180,8 @@ class Question:
     prompt: str
     validate: Callable[[str], Any]
     default: str  # as the user would type it
-    secret: bool = False
+    secret: bool = False  # read without echo, shown only through `mask`
+    mask: Callable[[str], str] | None = None  # default: mask_auth
 
 
 def render(value: Any) -> str:
@@ -186,6 +200,15 @@ def mask_auth(text: str) -> str:
         f"{parts[0]}:{parts[1]}:****" if len(parts) == 3 else "****"
         for parts in (item.split(":", 2) for item in text.split())
     )
+
+
+def mask_url(text: str) -> str:
+    """A URL with its password (or a user-less token) replaced by ****."""
+    m = USERINFO_RE.match(text)
+    if not m:
+        return text
+    user, colon, _ = m.group(2).partition(":")
+    return f"{m.group(1)}{user + ':****' if colon else '****'}@{m.group(3)}"
 
 
 class Prompter:
@@ -207,16 +230,24 @@ class Prompter:
         self.stdout.write("\n")
         return None if line == "" else line.rstrip("\n")
 
+    @staticmethod
+    def _mask(q: Question, text: str) -> str:
+        if not q.secret:
+            return text
+        if q.mask is not None:
+            return q.mask(text)
+        return mask_auth(text) if ":" in text else text
+
     def ask(self, q: Question) -> Any:
         if q.env in self.environ:
             try:
                 value = q.validate(self.environ[q.env].strip())
             except Invalid as e:
                 raise SystemExit(f"make config: {q.env} from the environment: {e}") from None
-            shown = mask_auth(render(value)) if q.secret and value else render(value)
+            shown = self._mask(q, render(value)) if value else render(value)
             self.stdout.write(f"{q.env} = {shown} (from the environment)\n")
             return value
-        shown_default = mask_auth(q.default) if q.secret and ":" in q.default else q.default
+        shown_default = self._mask(q, q.default)
         prompt = f"{q.prompt}\n{q.env} [{shown_default}]: "
         while True:
             answer = self._read(prompt, q.secret)
@@ -398,6 +429,35 @@ def main(argv: list[str] | None = None) -> int:
 
     out = sys.stdout
     p = Prompter(dict(os.environ), sys.stdin, out)
+
+    # A parent proxy URL with credentials in it is a secret: it goes to secrets.yml (never to
+    # the world-readable vars.yml), is read without echo and shown masked.
+    def ask_upstream_proxy() -> str:
+        prompt = (
+            "A parent proxy for upstream traffic (http://host:port, or"
+            " http://user:password@host:port; 'none' for none)."
+        )
+        if not secrets_readable:
+            prompt += (
+                f"\n{secrets_path} is vault-encrypted and no (right) vault password file was given:"
+                " a URL with credentials cannot be written to it, and one kept in it wins over"
+                " this answer."
+            )
+
+        def validate(text: str) -> str:
+            url = v_proxy_url(text)
+            if has_userinfo(url) and not secrets_readable:
+                raise Invalid(
+                    f"a proxy URL with credentials goes to {secrets_path}, which is encrypted and"
+                    " cannot be read without its vault password: run make config again with"
+                    " --vault-password-file (or REGISTRY_CACHE_VAULT_PASSWORD_FILE), or give the"
+                    " URL without credentials"
+                )
+            return url
+
+        env = "REGISTRY_CACHE_UPSTREAM_PROXY"
+        return p.ask(Question(env, prompt, validate, default(env, "none"), True, mask_url))
+
     out.write(
         f"Registry Cache inventory, written to {inv}.\n"
         "Empty answer: the default in brackets; 'none' clears a list.\n\n"
@@ -469,12 +529,6 @@ def main(argv: list[str] | None = None) -> int:
             "no",
         ),
         (
-            "REGISTRY_CACHE_UPSTREAM_PROXY",
-            "A parent proxy for upstream traffic (http://host:port; 'none' for none).",
-            v_proxy_url,
-            "none",
-        ),
-        (
             "DOCKER_CLIENTS_SERIAL",
             "Docker hosts restarted at a time when their settings change (a number or 25%).",
             v_serial,
@@ -489,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for env, prompt, validate, fallback in settings:
         answers[env] = p.ask(Question(env, prompt, validate, default(env, fallback)))
+        if env == "REGISTRY_CACHE_ALLOW_PUSH":
+            answers["REGISTRY_CACHE_UPSTREAM_PROXY"] = ask_upstream_proxy()
 
     auth_default = default("REGISTRY_CACHE_AUTH_REGISTRIES", "none")
     auth_prompt = (
@@ -543,9 +599,18 @@ def main(argv: list[str] | None = None) -> int:
     inventory["all"] = everyone
     write_file(inv / "hosts.yml", dump("Written by make config.", inventory), 0o644)
 
-    asked = {*answers, "REGISTRY_CACHE_AUTH_REGISTRIES"}  # the last one lives in secrets.yml
+    # The credentials, and a parent proxy URL that holds some, live in secrets.yml.
+    upstream_proxy = answers["REGISTRY_CACHE_UPSTREAM_PROXY"]
+    proxy_is_secret = has_userinfo(upstream_proxy)
+    asked = {*answers, "REGISTRY_CACHE_AUTH_REGISTRIES"}
     variables = {k: v for k, v in before.variables.items() if k.upper() not in asked}
-    variables.update({env.lower(): value for env, value in answers.items()})
+    variables.update(
+        {
+            env.lower(): value
+            for env, value in answers.items()
+            if not (env == "REGISTRY_CACHE_UPSTREAM_PROXY" and proxy_is_secret)
+        }
+    )
     write_file(
         inv / "group_vars" / "all" / "vars.yml",
         dump("Written by make config (secrets are in secrets.yml).", variables),
@@ -556,10 +621,14 @@ def main(argv: list[str] | None = None) -> int:
         os.chmod(secrets_path, 0o600)
         out.write(f"kept {secrets_path} as it was\n")
     else:
-        data = dump(
-            "Written by make config. Secret: mode 0600, git-ignored.",
-            {**before.secrets, "registry_cache_auth_registries": auth},
-        )
+        secret_values = {**before.secrets, "registry_cache_auth_registries": auth}
+        # Only here when it holds credentials: otherwise it is in vars.yml, which this
+        # file (read after it) would override.
+        if proxy_is_secret:
+            secret_values["registry_cache_upstream_proxy"] = upstream_proxy
+        else:
+            secret_values.pop("registry_cache_upstream_proxy", None)
+        data = dump("Written by make config. Secret: mode 0600, git-ignored.", secret_values)
         if secret is not None:
             data = vault_lib(secret).encrypt(data)
         write_file(secrets_path, data, 0o600)

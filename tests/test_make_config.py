@@ -309,3 +309,81 @@ def test_an_unreadable_vault_file_is_kept_not_replaced(checkout: Path, tmp_path:
     assert result.returncode != 0
     assert "--vault-password-file" in result.stderr
     assert (checkout / SECRETS).read_text() == raw
+
+
+PROXY_PASSWORD = "pr0xy-Pa55"
+PROXY_WITH_CREDENTIALS = f"http://puser:{PROXY_PASSWORD}@proxy.example:3128"
+
+
+def test_a_parent_proxy_with_credentials_is_a_secret(checkout: Path) -> None:
+    """A parent proxy URL with user:password@ goes to secrets.yml (not the world-readable
+    vars.yml), and its password is never printed, neither from the environment nor as the
+    default of a later run; without credentials it is an ordinary setting again."""
+    env = dict(FULL_ENV, REGISTRY_CACHE_UPSTREAM_PROXY=PROXY_WITH_CREDENTIALS)
+    result = make_config(checkout, clean_env(**env))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert PROXY_PASSWORD not in result.stdout + result.stderr
+    assert "http://puser:****@proxy.example:3128" in result.stdout
+
+    vars_file = checkout / "inventory/group_vars/all/vars.yml"
+    assert PROXY_PASSWORD not in vars_file.read_text()
+    assert "registry_cache_upstream_proxy" not in vars_file.read_text()
+    assert PROXY_PASSWORD in (checkout / SECRETS).read_text()
+    assert_secret_file_private(checkout)
+    cache = inventory(checkout)["_meta"]["hostvars"]["cache1.example.net"]
+    assert cache["registry_cache_upstream_proxy"] == PROXY_WITH_CREDENTIALS
+
+    # Asked again, the earlier URL is the default, shown masked, and kept.
+    env.pop("REGISTRY_CACHE_UPSTREAM_PROXY")
+    again = make_config(checkout, clean_env(**env), "\n")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "REGISTRY_CACHE_UPSTREAM_PROXY [http://puser:****@proxy.example:3128]" in again.stdout
+    assert PROXY_PASSWORD not in again.stdout + again.stderr
+    cache = inventory(checkout)["_meta"]["hostvars"]["cache1.example.net"]
+    assert cache["registry_cache_upstream_proxy"] == PROXY_WITH_CREDENTIALS
+
+    # A URL without credentials moves back to vars.yml (and out of secrets.yml, which
+    # would override it).
+    plain = dict(FULL_ENV, REGISTRY_CACHE_UPSTREAM_PROXY="http://proxy2.example:3128")
+    assert make_config(checkout, clean_env(**plain)).returncode == 0
+    assert "registry_cache_upstream_proxy" not in (checkout / SECRETS).read_text()
+    assert "http://proxy2.example:3128" in vars_file.read_text()
+    cache = inventory(checkout)["_meta"]["hostvars"]["cache1.example.net"]
+    assert cache["registry_cache_upstream_proxy"] == "http://proxy2.example:3128"
+    assert cache["registry_cache_auth_registries"] == FULL_ENV["REGISTRY_CACHE_AUTH_REGISTRIES"]
+
+
+def test_a_bad_parent_proxy_url_is_rejected_without_its_password(checkout: Path) -> None:
+    env = dict(FULL_ENV, REGISTRY_CACHE_UPSTREAM_PROXY=f"http://puser:{PROXY_PASSWORD}@a b:3128")
+    result = make_config(checkout, clean_env(**env))
+    assert result.returncode != 0
+    assert "REGISTRY_CACHE_UPSTREAM_PROXY" in result.stderr
+    assert "is not a proxy URL" in result.stderr
+    assert PROXY_PASSWORD not in result.stdout + result.stderr
+
+
+def test_a_parent_proxy_with_credentials_is_vault_encrypted(checkout: Path, tmp_path: Path) -> None:
+    password_file = tmp_path / "vault-pass"
+    password_file.write_text("correct horse battery staple\n")
+    env = dict(FULL_ENV, REGISTRY_CACHE_UPSTREAM_PROXY=PROXY_WITH_CREDENTIALS)
+    result = make_config(
+        checkout, clean_env(**env, REGISTRY_CACHE_VAULT_PASSWORD_FILE=str(password_file))
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    raw = (checkout / SECRETS).read_text()
+    assert raw.startswith("$ANSIBLE_VAULT;")
+    assert PROXY_PASSWORD not in raw
+    for path in (checkout / "inventory").rglob("*.yml"):
+        assert PROXY_PASSWORD not in path.read_text(), path
+    inv = inventory(checkout, "--vault-password-file", str(password_file))
+    cache = inv["_meta"]["hostvars"]["cache1.example.net"]
+    assert cache["registry_cache_upstream_proxy"] == PROXY_WITH_CREDENTIALS
+
+    # Without the vault password, new proxy credentials cannot go into the encrypted file:
+    # refused with the way out, the file untouched.
+    env.pop("REGISTRY_CACHE_AUTH_REGISTRIES")
+    again = make_config(checkout, clean_env(**env), "keep\n")
+    assert again.returncode != 0
+    assert "--vault-password-file" in again.stderr
+    assert PROXY_PASSWORD not in again.stdout + again.stderr
+    assert (checkout / SECRETS).read_text() == raw
