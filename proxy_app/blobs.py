@@ -139,19 +139,36 @@ class FileWriter:
         """Verifies, then makes the blob durable and visible: fsync, rename, fsync dir."""
         self.verify(expected_size)
         os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
+        # Forgotten before closing: a close that fails has still released the number,
+        # which abort() must not close again (another thread may own it by then).
+        fd, self._fd = self._fd, -1
+        os.close(fd)
         final = self._store.path(self.digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.tmp_path, final)
-        _fsync_dir(final.parent)
+        # From here the blob is in the store (served, and found by the start-up recount):
+        # it must count as stored, or the index would not know a file that is there.
+        try:
+            _fsync_dir(final.parent)
+        except OSError as e:
+            # Its bytes are flushed; only the new name may be lost in a crash, and a
+            # lost name is a blob the index drops at the next start and fetches again.
+            log.warning("stored %s, but flushing its directory failed: %s", self.digest, e)
         return self.written
 
     def abort(self) -> None:
+        """Drops the temporary file; never raises, so that a failure can always be reported."""
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self.tmp_path.unlink(missing_ok=True)
+            fd, self._fd = self._fd, -1
+            try:
+                os.close(fd)
+            except OSError as e:
+                log.warning("closing the temporary file of %s failed: %s", self.digest, e)
+        try:
+            self.tmp_path.unlink(missing_ok=True)
+        except OSError as e:
+            # A read-only or failing disk: the file is removed with tmp/ at the next start.
+            log.warning("cannot remove %s: %s", self.tmp_path, e)
 
 
 def _fsync_dir(path: Path) -> None:

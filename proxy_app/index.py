@@ -128,15 +128,30 @@ class Index:
         if not self._pending_access:
             return
         pending, self._pending_access = self._pending_access, {}
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                "UPDATE blobs SET last_access=max(last_access, ?) WHERE digest=?",
-                [(t, d) for d, t in pending.items()],
-            )
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany(
+                    "UPDATE blobs SET last_access=max(last_access, ?) WHERE digest=?",
+                    [(t, d) for d, t in pending.items()],
+                )
+        except sqlite3.Error:
+            # Kept for the next flush: a disk full for a while must not make the least
+            # recently used order forget what was read meanwhile.
+            for digest, at in pending.items():
+                self._pending_access[digest] = max(at, self._pending_access.get(digest, at))
+            raise
 
     def remove_blob(self, digest: str) -> None:
         self._db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
+
+    def restore_blob(self, entry: BlobEntry) -> None:
+        """Puts back an entry just removed, as it was (its file could not be deleted)."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO blobs(digest, size, media_type, stored_at, last_access) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (entry.digest, entry.size, entry.media_type, entry.last_access, entry.last_access),
+        )
 
     def total_size(self) -> int:
         return int(self._db.execute("SELECT coalesce(sum(size), 0) FROM blobs").fetchone()[0])

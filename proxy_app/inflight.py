@@ -86,14 +86,18 @@ class BlobFetch:
         written = self.writer.written if self.writer else 0
         return written if self.verified else max(written - 1, 0)
 
-    async def wait_beyond(self, offset: int) -> int:
-        """Waits until more than `offset` bytes may be read; returns how many may."""
+    async def wait_beyond(self, offset: int, end: int | None = None) -> int:
+        """Waits until more than `offset` bytes may be read; returns how many may. A reader
+        whose response stops at `end`, short of the blob's end (a Range), is held back from
+        its own last byte until verification as well: a complete answer is a verified one."""
         while True:
             # Once verified, every byte is in the file a reader has open: a failure to
             # store it after that (disk full at the flush) does not concern readers.
             if self.error is not None and not self.verified:
                 raise self.error
             available = self.readable()
+            if end is not None and not self.verified:
+                available = min(available, end - 1)
             if available > offset or self.verified:
                 return available
             await self._progress.wait()

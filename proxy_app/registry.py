@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import re
+import sqlite3
 import ssl
 from collections.abc import Coroutine, Mapping
 from typing import Any
@@ -40,6 +41,7 @@ from .responses import (
     stream_blob,
 )
 from .routes import PUSH_METHODS, BadRoute, Route, RouteKind, parse_route
+from .store_maintenance import STORE_ERRORS, StoreError
 from .upstream import UPSTREAM_ERRORS, Origin, describe
 
 log = logging.getLogger(__name__)
@@ -327,12 +329,22 @@ class RegistryProxy:
         source: str = "upstream",
     ) -> web.StreamResponse:
         byte_range = None
+        available = fetch.wait_beyond
         if fetch.size is not None:
             requested = self._requested_range(request, fetch.size, ex)
             if isinstance(requested, web.Response):
                 return requested
             byte_range = requested
-        reader = fetch.open_reader(self.store)
+            if byte_range is not None:
+                # A range that ends before the blob does would be complete without its
+                # last byte: that one, too, waits until the whole blob is verified.
+                available = functools.partial(fetch.wait_beyond, end=byte_range[1])
+        try:
+            reader = fetch.open_reader(self.store)
+        except StoreUnavailable:
+            # Verified, but it could not be stored and its file is gone: from upstream.
+            ex.result = "MISS"
+            return await self._send_direct(request, origin, name, fetch.digest, ex)
         self.maintenance.pin(fetch.digest)
         try:
             response, ex.sent = await stream_blob(
@@ -342,7 +354,7 @@ class RegistryProxy:
                 size=fetch.size,
                 byte_range=byte_range,
                 executor=self.executor,
-                available=fetch.wait_beyond,
+                available=available,
                 on_prepared=ex.prepared,
                 budget=self.send_budget,
                 fallback=functools.partial(
@@ -421,16 +433,16 @@ class RegistryProxy:
         path = f"/v2/{name}/blobs/{fetch.digest}"
         writer = None
         writing: asyncio.Future[None] | None = None
+        upstream: aiohttp.ClientResponse | None = None
         try:
-            upstream = await self.upstream.request(
-                "GET", origin, path, headers, follow_redirects=True
-            )
-        except UPSTREAM_ERRORS as e:
-            self.metrics.upstream_errors.inc()
-            fetch.fail(f"upstream {origin.netloc} cannot be reached: {describe(e)}")
-            self.inflight.release(fetch)
-            return
-        try:
+            try:
+                upstream = await self.upstream.request(
+                    "GET", origin, path, headers, follow_redirects=True
+                )
+            except UPSTREAM_ERRORS as e:
+                self.metrics.upstream_errors.inc()
+                fetch.fail(f"upstream {origin.netloc} cannot be reached: {describe(e)}")
+                return
             if upstream.status != 200:
                 body = (await read_body(upstream, 64 << 10))[: 64 << 10]
                 fetch.refusal = Refusal(upstream.status, _relayable(upstream.headers), body)
@@ -446,11 +458,13 @@ class RegistryProxy:
                 )
                 fetch.fail("larger than max_size: served through", StoreUnavailable)
                 return
-            if upstream.content_length:
-                self.maintenance.make_room(upstream.content_length, self.inflight)
             try:
+                if upstream.content_length:
+                    # Evicting writes to the index and removes files: its errors are the
+                    # store's (never upstream's), and the blob is then served through.
+                    self.maintenance.make_room(upstream.content_length, self.inflight)
                 writer = self.store.begin_write(fetch.digest)
-            except OSError as e:
+            except STORE_ERRORS as e:
                 raise _StoreError(e) from e
             fetch.begin(writer, upstream.content_length)
             stream = upstream.content
@@ -501,9 +515,24 @@ class RegistryProxy:
                 writer.abort()
             log.warning("fetching %s from %s failed: %s", fetch.digest, origin.netloc, describe(e))
             fetch.fail(f"download from {origin.netloc} broke: {describe(e)}")
+        except asyncio.CancelledError:
+            # The cache is stopping. A verified blob is still stored by its own task (which
+            # close() waits for); readers of one that is not get an error, not a wait.
+            if not fetch.verified:
+                fetch.fail("the registry cache is stopping")
+            raise
+        except Exception as e:
+            # Anything else (a Location that does not parse, a bug of ours): the fetch must
+            # still end, or every client of this digest would wait for it until a restart.
+            log.exception("fetching %s from %s failed", fetch.digest, origin.netloc)
+            await _settled(writing)
+            if writer is not None:
+                writer.abort()
+            fetch.fail(f"unexpected {type(e).__name__}; see the registry cache's log")
         finally:
             self.inflight.release(fetch)
-            upstream.release()
+            if upstream is not None:
+                upstream.release()
 
     async def _store_verified(self, fetch: BlobFetch, writer: BlobWriter) -> None:
         """Flushes and renames a verified blob into the store and indexes it."""
@@ -514,13 +543,32 @@ class RegistryProxy:
         except OSError as e:
             self._store_failed(fetch, writer, e)
             return
+        try:
+            self.index.add_blob(fetch.digest, size)
+        except sqlite3.Error as e:
+            # A file the index does not know would be served but never counted toward
+            # max_size nor evicted: it goes again, and the store and the index agree.
+            self._unstore(fetch.digest)
+            self._store_failed(fetch, None, e)
+            return
         self.maintenance.store_ok()
-        self.index.add_blob(fetch.digest, size)
         self.inflight.release(fetch)
         fetch.finish()
-        self.maintenance.stored(fetch.digest, size)
+        try:
+            self.maintenance.stored(fetch.digest, size)
+        except STORE_ERRORS as e:
+            # Stored and indexed; only the eviction after it failed, and the next stored
+            # blob or the housekeeping tries again.
+            self.maintenance.store_failed(e)
 
-    def _store_failed(self, fetch: BlobFetch, writer: BlobWriter | None, error: OSError) -> None:
+    def _unstore(self, digest: str) -> None:
+        try:
+            self.store.delete(digest)
+        except OSError as e:
+            # The start-up recount re-indexes the file (after checking its digest).
+            log.error("%s stays in the store unindexed until restart: %s", digest, e)
+
+    def _store_failed(self, fetch: BlobFetch, writer: BlobWriter | None, error: StoreError) -> None:
         """The blob cannot be stored: its file goes, and readers fetch it directly."""
         if writer is not None:
             writer.abort()
@@ -553,7 +601,7 @@ async def _settled(future: asyncio.Future[None] | None) -> None:
 class _StoreError(Exception):
     """Writing to the store failed: not upstream's fault, and not the client's."""
 
-    def __init__(self, error: OSError) -> None:
+    def __init__(self, error: StoreError) -> None:
         super().__init__(str(error))
         self.error = error
 

@@ -7,18 +7,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sqlite3
 import time
 from collections import Counter
 
 from .blobs import FilesystemBlobStore
 from .config import Config
-from .index import Index
+from .index import BlobEntry, Index
 from .inflight import InflightFetches
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 VERIFY_CHUNK = 4 << 20
+# What a store that cannot take writes (disk full, read-only, I/O errors) raises: from the
+# files (OSError) or from the index beside them (sqlite3.Error).
+STORE_ERRORS = (OSError, sqlite3.Error)
+StoreError = OSError | sqlite3.Error
 
 
 def file_digest(store: FilesystemBlobStore, digest: str) -> str:
@@ -106,7 +111,7 @@ class StoreMaintenance:
 
     # --- a store that cannot take writes (disk full, I/O errors) -------------------------
 
-    def store_failed(self, error: OSError) -> None:
+    def store_failed(self, error: StoreError) -> None:
         """Logged once per episode; clients are served straight from upstream meanwhile."""
         self.metrics.store_errors.inc()
         self.metrics.store_unavailable.set(1)
@@ -115,7 +120,7 @@ class StoreMaintenance:
             log.error(
                 "cannot store blobs in %s: %s; serving through from upstream until it works again",
                 self.config.cache_dir,
-                error.strerror or error,
+                getattr(error, "strerror", None) or error,
             )
 
     def store_ok(self) -> None:
@@ -158,7 +163,7 @@ class StoreMaintenance:
                 self._publish()
                 return False
             for entry in victims:
-                self._evict(entry.digest, entry.size)
+                self._evict(entry)
                 if self.size + incoming <= self.config.max_size:
                     break
         self._publish()
@@ -172,19 +177,32 @@ class StoreMaintenance:
                 break
             if entry.digest in self._pins or (inflight and inflight.get(entry.digest)):
                 continue
-            self._evict(entry.digest, entry.size)
+            self._evict(entry)
             expired += 1
         if expired:
             log.info("removed %d blobs unused for %ds", expired, self.config.inactive)
             self._publish()
         return expired
 
-    def _evict(self, digest: str, size: int) -> None:
-        self.store.delete(digest)
-        self.index.remove_blob(digest)
-        self.size -= size
+    def _evict(self, entry: BlobEntry) -> None:
+        """Removes a blob's entry, then its file; raises a STORE_ERRORS error, and changes
+        nothing, when either cannot be done."""
+        # The entry first: on a full or read-only disk it is the index write that fails,
+        # and then the file is still there too. The other way round the file would be gone
+        # and its entry left behind.
+        self.index.remove_blob(entry.digest)
+        try:
+            self.store.delete(entry.digest)
+        except OSError:
+            try:
+                self.index.restore_blob(entry)
+            except sqlite3.Error as e:
+                # The start-up recount re-indexes the file (after checking its digest).
+                log.error("%s stays in the store unindexed until restart: %s", entry.digest, e)
+            raise
+        self.size -= entry.size
         self.metrics.evictions.inc()
-        log.info("evicted %s (%d bytes)", digest, size)
+        log.info("evicted %s (%d bytes)", entry.digest, entry.size)
 
     def _publish(self) -> None:
         self.metrics.size.set(self.size)

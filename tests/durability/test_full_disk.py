@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,3 +129,45 @@ def test_full_disk_serves_through_and_recovers(
     finally:
         relay.stop()
         proxy.stop()  # before the tmpfs goes
+
+
+def test_full_disk_while_access_times_wait_to_be_written(
+    small_disk: Path, registry: Registry, proxy_factory
+):
+    """Making room for a blob writes the pending access times to the index first. On a
+    full disk that write fails: the blob is then served through like any other that cannot
+    be stored (the client never waits on it), and the access times are kept, not lost."""
+    repo = "durable/pending"
+    kept = random_blob(registry, repo, 1_000_000)
+    new = random_blob(registry, repo, 3_000_000)
+    proxy = proxy_factory(cache_dir=str(small_disk / "cache"), max_size="1g")
+    cache = proxy.cache_dir
+    try:
+
+        def get(digest: str):
+            r = get_blob(proxy, registry.hostname, registry.port, repo, digest, timeout=30)
+            assert r.status == 200, r.text()[:300]
+            assert r.complete and r.sha256 == digest, f"wrong or cut blob: {r.error}"
+            return r
+
+        assert get(kept).cache == "MISS"
+        assert get(kept).cache == "HIT"  # its access time now waits for the next flush
+        # Full to the last byte, so that the index cannot grow either. This lasts well
+        # under a second, seconds before the proxy's first housekeeping (10 s after start).
+        filler = fill(small_disk, leave=0)
+        assert get(new).cache == "MISS"
+        assert proxy.metric("registry_cache_store_unavailable") == 1
+        assert new not in stored_blobs(cache) and tmp_files(cache) == []
+        filler.unlink()
+    finally:
+        proxy.stop()  # flushes the access times; before the tmpfs goes
+    index = sqlite3.connect(cache / "index.sqlite3")
+    try:
+        stored_at, last_access = index.execute(
+            "SELECT stored_at, last_access FROM blobs WHERE digest=?", (kept,)
+        ).fetchone()
+        indexed = {d for (d,) in index.execute("SELECT digest FROM blobs")}
+    finally:
+        index.close()
+    assert last_access > stored_at, "the access time of the HIT was lost"
+    assert indexed == set(stored_blobs(cache)) == {kept}

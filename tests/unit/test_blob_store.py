@@ -142,3 +142,40 @@ def test_chunks_are_written_in_order_past_the_writev_limit(tmp_path: Path) -> No
     writer.write_chunks(chunks)
     assert writer.commit(len(data)) == len(data)
     assert store.open(digest_of(data)).pread(len(data) + 1, 0) == data
+
+
+def test_abort_never_raises_so_that_a_failure_can_still_be_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A temporary file that cannot be removed (here: a directory stands in its place; on
+    # a disk remounted read-only, EROFS) is left for the start-up clean-up, and logged.
+    store = FilesystemBlobStore(tmp_path)
+    writer = store.begin_write(digest_of(b"abc"))
+    writer.write(b"ab")
+    writer.tmp_path.unlink()
+    writer.tmp_path.mkdir()
+    writer.abort()
+    assert "cannot remove" in caplog.text
+    writer.abort()  # twice is harmless: the descriptor is not closed again
+
+
+def test_a_range_short_of_the_end_gets_its_last_byte_only_once_verified(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = FilesystemBlobStore(tmp_path)
+        data = b"r" * 100
+        fetch, _ = InflightFetches().claim(digest_of(data))
+        writer = store.begin_write(fetch.digest)
+        fetch.begin(writer, len(data))
+        writer.write(data[:60])
+        fetch.progressed()
+        assert await fetch.wait_beyond(0, end=10) == 9  # bytes 0-9 asked: 9 go at once
+        waiter = asyncio.ensure_future(fetch.wait_beyond(9, end=10))
+        writer.write(data[60:])
+        fetch.progressed()
+        await asyncio.sleep(0)
+        assert not waiter.done()  # all of it is here, but not verified yet
+        writer.verify(len(data))
+        fetch.verify()
+        assert await waiter == 100
+
+    asyncio.run(scenario())
