@@ -22,7 +22,7 @@ from .index import Index
 from .metrics import Metrics
 from .registry import RegistryProxy
 from .server import ProxyServer
-from .store_maintenance import StoreMaintenance
+from .store_maintenance import STORE_ERRORS, StoreMaintenance
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,23 @@ class RegistryCacheApp:
                 self.maintenance.expire_inactive(self.registry.inflight)
                 # Blobs pinned by readers when space was needed can go now.
                 self.maintenance.make_room(0, self.registry.inflight)
+            except STORE_ERRORS as e:
+                # A full or failing disk, which blob stores report too: one line each
+                # round, not a traceback.
+                log.warning("housekeeping: cannot write to %s: %s", self.config.cache_dir, e)
             except Exception:
                 log.exception("housekeeping failed; will try again")
 
     def flush(self) -> None:
         self.index.flush_access()
         stats, self.registry.pending_stats = self.registry.pending_stats, {}
-        self.index.add_stats(stats)
+        try:
+            self.index.add_stats(stats)
+        except STORE_ERRORS:
+            # Kept for the next flush: the counts are not lost to a full disk.
+            for key, value in stats.items():
+                self.registry.pending_stats[key] = self.registry.pending_stats.get(key, 0) + value
+            raise
         # `registry-cache gc` may have removed blobs behind our back: recount.
         self.maintenance.refresh_size()
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Hashable
 
@@ -158,6 +159,13 @@ class ManifestCache:
 
     async def _store(self, digest: str, body: bytes, media_type: str) -> bool:
         """Stores a manifest; False when the store cannot take it (the answer still goes out)."""
+        known = self.index.blob(digest)
+        if (
+            known is not None
+            and (known.media_type, known.size) == (media_type, len(body))
+            and self.store.size(digest) == len(body)
+        ):
+            return True  # another tag or Accept variant names it: stored already
 
         def write() -> int:
             writer = self.store.begin_write(digest)
@@ -173,7 +181,16 @@ class ManifestCache:
         except OSError as e:
             self.on_store_error(e)
             return False
-        self.index.add_blob(digest, size, media_type)
+        try:
+            self.index.add_blob(digest, size, media_type)
+        except sqlite3.Error as e:
+            # Not indexed, so not kept either: a file the index does not know is never
+            # counted toward max_size nor evicted. The answer still goes to the client.
+            if known is None:
+                with contextlib.suppress(OSError):
+                    self.store.delete(digest)
+            self.on_store_error(e)
+            return False
         return True
 
     async def _read_manifest(self, upstream: aiohttp.ClientResponse) -> tuple[bytes, str, str]:

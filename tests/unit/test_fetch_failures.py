@@ -28,7 +28,7 @@ from aiohttp import web
 
 from proxy_app import blobs
 from proxy_app.blobs import FilesystemBlobStore
-from proxy_app.config import Config
+from proxy_app.config import Config, ListenAddress
 from proxy_app.context import CacheContext
 from proxy_app.exchange import Exchange
 from proxy_app.index import Index
@@ -110,7 +110,7 @@ class Cache:
 
 @asynccontextmanager
 async def running_cache(
-    cache_dir: Path, upstream: Handler, max_size: int = 1 << 30
+    cache_dir: Path, upstream: Handler, max_size: int = 1 << 30, manifests: Handler | None = None
 ) -> AsyncIterator[Cache]:
     cache = Cache(cache_dir, max_size)
 
@@ -120,6 +120,8 @@ async def running_cache(
 
     upstream_app = web.Application()
     upstream_app.router.add_get("/v2/{name:.+}/blobs/{digest}", registry)
+    if manifests is not None:
+        upstream_app.router.add_get("/v2/{name:.+}/manifests/{reference}", manifests)
     # Short shutdowns: a handler left waiting (the bug these tests catch) must not hold
     # the test for aiohttp's default minute.
     upstream_runner = web.AppRunner(upstream_app, shutdown_timeout=2)
@@ -345,6 +347,41 @@ def test_a_blob_the_index_cannot_take_is_not_left_in_the_store(
     asyncio.run(scenario())
 
 
+def test_a_manifest_the_index_cannot_take_is_not_left_in_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json"}'
+    media_type = "application/vnd.oci.image.manifest.v1+json"
+    digest = digest_of(manifest)
+
+    async def tag(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=manifest, headers={"Content-Type": media_type})
+
+    async def scenario() -> None:
+        async with running_cache(tmp_path, serving({}), manifests=tag) as cache:
+            url = f"{cache.base}/v2/{REPO}/manifests/1"
+
+            def disk_full(*args: Any) -> None:
+                raise sqlite3.OperationalError("database or disk is full")
+
+            monkeypatch.setattr(cache.index, "add_blob", disk_full)
+            async with cache.session.get(url, headers={"Accept": media_type}) as r:
+                assert (r.status, await r.read()) == (200, manifest)
+            assert not cache.store.has(digest), "stored but not indexed"
+            assert cache.consistent()
+            assert cache.metric("registry_cache_store_unavailable") == 1
+
+            monkeypatch.undo()
+            async with cache.session.get(url, headers={"Accept": media_type}) as r:
+                assert (r.status, r.headers["X-Registry-Cache"]) == (200, "MISS")
+            by_digest = f"{cache.base}/v2/{REPO}/manifests/{digest}"
+            async with cache.session.get(by_digest, headers={"Accept": media_type}) as r:
+                assert (r.headers["X-Registry-Cache"], await r.read()) == ("HIT", manifest)
+            assert cache.consistent()
+
+    asyncio.run(scenario())
+
+
 def test_a_failed_directory_flush_after_the_rename_still_counts_as_stored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -433,5 +470,40 @@ def test_a_range_of_a_blob_being_fetched_is_answered_once_verified(tmp_path: Pat
             assert ranged.headers["Content-Range"] == f"bytes 1000-66535/{len(data)}"
             assert ranged.body == data[1000:66536]
             assert (await whole).body == data
+
+    asyncio.run(scenario())
+
+
+def test_hit_and_miss_counts_survive_an_index_that_cannot_take_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app's flush moves the counts of hits and misses into the index; a full disk
+    keeps them for the next flush instead of dropping them."""
+    from proxy_app.app import RegistryCacheApp
+
+    config = Config(
+        listen=(ListenAddress("127.0.0.1", 0),), cache_dir=tmp_path, ca_dir=tmp_path / "ca"
+    )
+
+    async def scenario() -> None:
+        app = RegistryCacheApp(config)
+        await app.start()
+        try:
+            app.registry.pending_stats.update({"hits": 3, "misses": 1})
+
+            def disk_full(*args: Any) -> None:
+                raise sqlite3.OperationalError("database or disk is full")
+
+            monkeypatch.setattr(app.index, "add_stats", disk_full)
+            with pytest.raises(sqlite3.OperationalError):
+                app.flush()
+            assert app.registry.pending_stats == {"hits": 3, "misses": 1}
+            monkeypatch.undo()
+            app.registry.pending_stats["hits"] += 1
+            app.flush()
+            assert app.index.stats() == {"hits": 4, "misses": 1}
+            assert app.registry.pending_stats == {}
+        finally:
+            await app.stop()
 
     asyncio.run(scenario())
