@@ -11,6 +11,7 @@ absolute-form ones are proxied for plain-HTTP registries.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import ipaddress
 import json
@@ -33,7 +34,7 @@ from .metrics import CONTENT_TYPE, Metrics
 from .proxy_auth import ProxyAuthenticator
 from .registry import RegistryProxy
 from .responses import CACHE_HEADER
-from .upstream import Origin
+from .upstream import Origin, describe
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,67 @@ class _Pipe(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.peer is not None:
             self.peer.resume_reading()
+
+
+class _ParentAnswer(asyncio.Protocol):
+    """Reads a parent proxy's answer to our CONNECT, before the tunnel takes the connection
+    over (with whatever came right behind the answer)."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.answered: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+        if self.answered.done():
+            return
+        if b"\r\n\r\n" in self.received:
+            self.answered.set_result(bytes(self.received))
+        elif len(self.received) > MAX_HEAD:
+            self.answered.set_exception(OSError("the parent proxy's answer has no end"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answered.done():
+            self.answered.set_exception(ConnectionError("the parent proxy closed the connection"))
+
+
+async def _tunnel_via_parent(
+    parent_url: str, host: str, port: int, pipe: _Pipe
+) -> asyncio.Transport:
+    """A connection to host:port through the parent proxy (upstream_proxy), handed to
+    `pipe`; raises OSError when the parent cannot be reached or refuses."""
+    parent = URL(parent_url)
+    if parent.scheme != "http" or not parent.host:
+        raise OSError(f"tunnels go through an http:// parent proxy only, not {parent.scheme}://")
+    answer = _ParentAnswer()
+    loop = asyncio.get_running_loop()
+    upstream, _ = await asyncio.wait_for(
+        loop.create_connection(lambda: answer, parent.host, parent.port or 80), timeout=30
+    )
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+    if parent.user is not None:
+        token = base64.b64encode(f"{parent.user}:{parent.password or ''}".encode()).decode()
+        head += f"Proxy-Authorization: Basic {token}\r\n"
+    upstream.write(f"{head}\r\n".encode())
+    try:
+        received = await asyncio.wait_for(answer.answered, timeout=30)
+    except BaseException:
+        upstream.abort()
+        raise
+    status_line, _, _ = received.partition(b"\r\n")
+    parts = status_line.split(b" ", 2)
+    if len(parts) < 2 or parts[1] != b"200":
+        upstream.abort()
+        shown = status_line[:100].decode("latin-1")
+        raise OSError(f"the parent proxy answered the CONNECT with {shown!r}")
+    upstream.set_protocol(pipe)
+    pipe.connection_made(upstream)
+    # Everything after the answer's head, including what arrived while this resumed.
+    rest = bytes(answer.received).partition(b"\r\n\r\n")[2]
+    if rest:
+        pipe.data_received(rest)
+    return cast(asyncio.Transport, upstream)
 
 
 class _Holding(asyncio.Protocol):
@@ -500,14 +562,19 @@ class ProxyServer:
         except (OSError, TimeoutError) as e:
             return refuse(502, f"cannot resolve {host}: {e}")
         if disposition == "passthrough":
+            from_upstream = _Pipe()
             try:
-                from_upstream = _Pipe()
-                upstream, _ = await asyncio.wait_for(
-                    loop.create_connection(lambda: from_upstream, addresses[0], port),
-                    timeout=30,
-                )
+                if self.config.upstream_proxy:
+                    upstream = await _tunnel_via_parent(
+                        self.config.upstream_proxy, host, port, from_upstream
+                    )
+                else:
+                    upstream, _ = await asyncio.wait_for(
+                        loop.create_connection(lambda: from_upstream, addresses[0], port),
+                        timeout=30,
+                    )
             except (OSError, TimeoutError) as e:
-                return refuse(502, f"cannot reach {host}:{port}: {e}")
+                return refuse(502, f"cannot reach {host}:{port}: {describe(e)}")
             transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
             from_upstream.attach(transport)
             if rest:

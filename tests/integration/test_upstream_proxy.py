@@ -1,0 +1,84 @@
+"""upstream_proxy: a cache behind a parent proxy sends its upstream traffic through it.
+
+The parent is a second registry-cache, which tunnels (passthrough) to the registry: a
+real CONNECT proxy that logs each tunnel. The parent is named `localhost`, which the
+destination policy would refuse for anything else: the parent proxy is the admin's own
+choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support.images import layout_blobs, skopeo
+from support.registry import Registry
+
+pytestmark = pytest.mark.integration
+
+
+def test_pulls_go_through_the_parent_proxy(
+    registry: Registry, image_factory, proxy_factory, tmp_path: Path
+):
+    ref = f"{registry.netloc}/pub/behind-parent:latest"
+    img = image_factory(ref, [200_000, 30_000])
+    parent = proxy_factory(intercept=[], passthrough=["*.rc.test"], log_level="info")
+    child = proxy_factory(upstream_proxy=f"http://localhost:{parent.port}")
+
+    res = skopeo(
+        "copy",
+        "--src-cert-dir",
+        str(child.cert_dir),
+        f"docker://{ref}",
+        f"oci:{tmp_path / 'out'}:latest",
+        proxy_port=child.port,
+    )
+    assert res.returncode == 0, res.stderr
+    assert set(img.blob_digests) <= layout_blobs(tmp_path / "out")
+    tunnels = parent.log_lines(f"tunnel {registry.hostname}:{registry.port}")
+    assert tunnels, f"the child did not go through the parent:\n{parent.output()[-2000:]}"
+    # and the child cached what it fetched through the parent
+    assert child.log_lines("MISS") and not child.log_lines("STALE")
+
+
+def test_passthrough_tunnels_go_through_the_parent_proxy(
+    registry: Registry, image_factory, proxy_factory, pki, tmp_path: Path
+):
+    """A host in passthrough is tunnelled through the parent too (it used to be connected
+    to directly, which fails where only the parent can reach the outside)."""
+    ref = f"{registry.netloc}/pub/tunnelled:latest"
+    img = image_factory(ref, [50_000])
+    parent = proxy_factory(intercept=[], passthrough=["*.rc.test"], log_level="info")
+    child = proxy_factory(
+        intercept=[],
+        passthrough=["*.rc.test"],
+        upstream_proxy=f"http://localhost:{parent.port}",
+        log_level="info",
+    )
+    res = skopeo(
+        "copy",
+        "--src-cert-dir",
+        str(pki.cert_dir),  # a tunnel: the registry's own certificate
+        f"docker://{ref}",
+        f"oci:{tmp_path / 'out'}:latest",
+        proxy_port=child.port,
+    )
+    assert res.returncode == 0, res.stderr
+    assert set(img.blob_digests) <= layout_blobs(tmp_path / "out")
+    target = f"tunnel {registry.hostname}:{registry.port}"
+    assert child.log_lines(target), child.output()[-2000:]
+    assert parent.log_lines(target), f"the tunnel did not go through the parent:\n{parent.output()}"
+
+
+def test_a_parent_that_refuses_the_tunnel_gives_a_502_with_its_answer(
+    registry: Registry, proxy_factory
+):
+    from support.client import raw_exchange
+
+    parent = proxy_factory(intercept=[], passthrough=["other.rc.test"])  # not the registry
+    child = proxy_factory(
+        intercept=[], passthrough=["*.rc.test"], upstream_proxy=f"http://127.0.0.1:{parent.port}"
+    )
+    connect = f"CONNECT {registry.netloc} HTTP/1.1\r\nHost: {registry.netloc}\r\n\r\n"
+    resp = raw_exchange(child.port, connect.encode())
+    assert resp.status == 502, resp
+    assert b"parent proxy answered" in resp.body and b"403" in resp.body, resp.body
