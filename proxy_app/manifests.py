@@ -24,6 +24,7 @@ from aiohttp import web
 from .context import CacheContext
 from .exchange import Exchange
 from .index import TagEntry
+from .media_types import DOCKER_MANIFEST, INDEX_TYPES, SCHEMA1_TYPES
 from .responses import API_VERSION, CACHE_HEADER, error_response, read_body, relay
 from .routes import Route
 from .upstream import UPSTREAM_ERRORS, Origin, describe
@@ -32,23 +33,7 @@ log = logging.getLogger(__name__)
 
 # distribution refuses manifests over 4 MiB; anything larger is not a manifest.
 MAX_MANIFEST_SIZE = 4 << 20
-DEFAULT_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
-# Indexes (manifest lists): a registry stores them and never makes one up, but gives a
-# client that accepts neither the default platform's image manifest picked out of it.
-INDEX_TYPES = frozenset(
-    {
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-    }
-)
-# Docker schema 1, which distribution rewrites a schema 2 manifest into for a client that
-# does not accept schema 2.
-SCHEMA1_TYPES = frozenset(
-    {
-        "application/vnd.docker.distribution.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.v1+prettyjws",
-    }
-)
+DEFAULT_MEDIA_TYPE = DOCKER_MANIFEST  # what a registry means when it names none
 
 
 class UpstreamAnswerInvalid(Exception):
@@ -80,7 +65,7 @@ def _reusable(media_type: str, got_by: set[str], accepted: set[str]) -> bool:
         return False
     if media_type in INDEX_TYPES:
         return True
-    sources = INDEX_TYPES | {DEFAULT_MEDIA_TYPE} if media_type in SCHEMA1_TYPES else INDEX_TYPES
+    sources = INDEX_TYPES | {DOCKER_MANIFEST} if media_type in SCHEMA1_TYPES else INDEX_TYPES
     return accepted & sources <= got_by
 
 

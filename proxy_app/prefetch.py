@@ -16,13 +16,8 @@ from pathlib import Path
 
 import aiohttp
 
-MANIFEST_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
-INDEX_TYPES = MANIFEST_TYPES[:2]
+from .media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES, MANIFEST_TYPES
+
 DOCKER_HUB = "registry-1.docker.io"
 
 
@@ -147,7 +142,7 @@ class Prefetcher:
                 child = await self._get(
                     ref,
                     f"/v2/{ref.name}/manifests/{entry['digest']}",
-                    entry.get("mediaType") or ",".join(MANIFEST_TYPES[2:]),
+                    entry.get("mediaType") or ",".join(IMAGE_MANIFEST_TYPES),
                 )
                 image, _ = await self._manifest(child, report)
                 await self._blobs(ref, image, report)

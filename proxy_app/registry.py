@@ -510,9 +510,7 @@ class RegistryProxy:
             fetch.fail(str(e))
         except (*UPSTREAM_ERRORS, aiohttp.ClientPayloadError) as e:
             self.metrics.upstream_errors.inc()
-            await _settled(writing)  # no write may still be under way when the file goes
-            if writer is not None:
-                writer.abort()
+            await _abandoned(writing, writer)
             log.warning("fetching %s from %s failed: %s", fetch.digest, origin.netloc, describe(e))
             fetch.fail(f"download from {origin.netloc} broke: {describe(e)}")
         except asyncio.CancelledError:
@@ -525,9 +523,7 @@ class RegistryProxy:
             # Anything else (a Location that does not parse, a bug of ours): the fetch must
             # still end, or every client of this digest would wait for it until a restart.
             log.exception("fetching %s from %s failed", fetch.digest, origin.netloc)
-            await _settled(writing)
-            if writer is not None:
-                writer.abort()
+            await _abandoned(writing, writer)
             fetch.fail(f"unexpected {type(e).__name__}; see the registry cache's log")
         finally:
             self.inflight.release(fetch)
@@ -596,6 +592,13 @@ async def _settled(future: asyncio.Future[None] | None) -> None:
     if future is not None:
         with contextlib.suppress(Exception):
             await future
+
+
+async def _abandoned(writing: asyncio.Future[None] | None, writer: BlobWriter | None) -> None:
+    """A download given up: its file goes, once no write is still under way into it."""
+    await _settled(writing)
+    if writer is not None:
+        writer.abort()
 
 
 class _StoreError(Exception):

@@ -11,7 +11,6 @@ absolute-form ones are proxied for plain-HTTP registries.
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import ipaddress
 import json
@@ -34,7 +33,7 @@ from .metrics import CONTENT_TYPE, Metrics
 from .proxy_auth import ProxyAuthenticator
 from .registry import RegistryProxy
 from .responses import CACHE_HEADER
-from .upstream import Origin, describe
+from .upstream import Origin, basic_auth, describe
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +239,7 @@ async def _tunnel_via_parent(
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
     if parent.user is not None:
-        token = base64.b64encode(f"{parent.user}:{parent.password or ''}".encode()).decode()
-        head += f"Proxy-Authorization: Basic {token}\r\n"
+        head += f"Proxy-Authorization: {basic_auth(parent.user, parent.password or '')}\r\n"
     upstream.write(f"{head}\r\n".encode())
     try:
         received = await asyncio.wait_for(answer.answered, timeout=30)
@@ -328,8 +326,7 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def _refuse_client(self) -> None:
-        log.warning("refused client %s: not in allowed_clients", self.client)
-        self._refuse(403, f"client {self.client} is not in this cache's allowed_clients")
+        self._refuse(403, refused_client(self.client))
 
     def _refuse(self, status: int, message: str, extra: str = "") -> None:
         self._cancel_timer()
@@ -387,6 +384,12 @@ def valid_host_name(host: str) -> bool:
     or overlong label makes getaddrinfo raise UnicodeError, not OSError)."""
     name = host[:-1] if host.endswith(".") else host
     return 0 < len(name) <= 253 and all(0 < len(label) <= 63 for label in name.split("."))
+
+
+def refused_client(client: str) -> str:
+    """Logs a client outside allowed_clients; the answer it gets."""
+    log.warning("refused client %s: not in allowed_clients", client)
+    return f"client {client} is not in this cache's allowed_clients"
 
 
 def is_loopback(client: str) -> bool:
@@ -644,11 +647,8 @@ class ProxyServer:
         if not self.client_allowed(client):
             # The cache host itself may read the cache's own pages (its health check runs
             # there) even when allowed_clients leaves loopback out, but not use the proxy.
-            log.warning("refused client %s: not in allowed_clients", client)
             return web.Response(
-                status=403,
-                text=f"client {client} is not in this cache's allowed_clients\n",
-                headers={CACHE_HEADER: "PASS"},
+                status=403, text=refused_client(client) + "\n", headers={CACHE_HEADER: "PASS"}
             )
         if request.method == "CONNECT":
             return web.Response(

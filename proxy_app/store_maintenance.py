@@ -15,6 +15,7 @@ from .blobs import FilesystemBlobStore
 from .config import Config
 from .index import BlobEntry, Index
 from .inflight import InflightFetches
+from .media_types import OCI_INDEX, OCI_MANIFEST
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ def file_digest(store: FilesystemBlobStore, digest: str) -> str:
 
 
 MANIFEST_SNIFF_LIMIT = 4 << 20
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 def sniff_manifest_type(store: FilesystemBlobStore, digest: str, size: int) -> str | None:

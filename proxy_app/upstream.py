@@ -59,6 +59,11 @@ def describe(error: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
+def basic_auth(username: str, password: str) -> str:
+    """An `Authorization` (or `Proxy-Authorization`) value for HTTP Basic."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
 @dataclass(frozen=True)
 class Origin:
     """Where a client's request is really going: scheme, host and port of a registry."""
@@ -137,8 +142,7 @@ class Upstream:
         if cache_credentials and origin.scheme == "https" and "Authorization" not in headers:
             creds = self.credentials_for(origin)
             if creds is not None:
-                token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
-                headers["Authorization"] = f"Basic {token}"
+                headers["Authorization"] = basic_auth(creds.username, creds.password)
         return headers
 
     async def request(

@@ -486,6 +486,19 @@ def test_connections_beyond_the_per_client_bound_get_429(setup: Setup):
 # --- a passthrough upstream that speaks first -----------------------------------------------
 
 
+async def tunnel_to_eof(proxy_port: int, target: str) -> bytes:
+    """CONNECT through the proxy and read what comes until EOF (the 200 included)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+    try:
+        writer.write(connect_head(target))
+        await writer.drain()
+        async with asyncio.timeout(10):
+            return await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
 def test_passthrough_upstream_that_speaks_first_and_hangs_up(module_proxy, aio, upstream_ports):
     """An upstream (named in passthrough) that sends a banner and closes at once, before
     the proxy has answered the CONNECT: the client still gets the 200 first, then the
@@ -504,18 +517,9 @@ def test_passthrough_upstream_that_speaks_first_and_hangs_up(module_proxy, aio, 
             passthrough=["scratch.rc.test"], allowed_ports=[443, port], log_level="info"
         )
 
-        async def one() -> bytes:
-            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-            try:
-                writer.write(connect_head(f"scratch.rc.test:{port}"))
-                await writer.drain()
-                async with asyncio.timeout(10):
-                    return await reader.read()  # to EOF
-            finally:
-                writer.close()
-
         async def run() -> list[bytes]:
-            return await asyncio.gather(*(one() for _ in range(100)))
+            target = f"scratch.rc.test:{port}"
+            return await asyncio.gather(*(tunnel_to_eof(proxy.port, target) for _ in range(100)))
 
         for got in asyncio.run(run()):
             assert got.startswith(b"HTTP/1.1 200 "), got[:100]
@@ -543,19 +547,8 @@ def test_finished_tunnels_give_their_connections_back(module_proxy, aio, upstrea
             passthrough=["scratch.rc.test"], allowed_ports=[443, port], max_connections_per_client=3
         )
 
-        async def one() -> bytes:
-            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-            try:
-                writer.write(connect_head(f"scratch.rc.test:{port}"))
-                await writer.drain()
-                async with asyncio.timeout(10):
-                    return await reader.read()  # to EOF
-            finally:
-                writer.close()
-                await writer.wait_closed()
-
         for i in range(12):
-            got = asyncio.run(one())
+            got = asyncio.run(tunnel_to_eof(proxy.port, f"scratch.rc.test:{port}"))
             assert got.startswith(b"HTTP/1.1 200 "), f"tunnel {i + 1}: {got[:200]!r}"
             time.sleep(0.05)  # the proxy sees the client's FIN
     finally:
