@@ -11,6 +11,7 @@ from support.durability import (
     random_blob,
     store_bytes,
     stored_blobs,
+    wait_stored,
 )
 from support.registry import Registry, wait_until
 
@@ -29,6 +30,8 @@ def test_lru_eviction_keeps_store_within_max_size(registry: Registry, proxy_fact
         assert r.status == 200, f"blob {i}: {r.status} {r.text()[:300]}"
         assert r.complete and r.sha256 == blobs[i], f"blob {i}: wrong bytes ({r.error})"
         assert r.cache == expect, f"blob {i}: {r.cache}, expected {expect}"
+        if expect == "MISS":
+            assert wait_stored(proxy, blobs[i]), f"blob {i} was not stored"
         total = store_bytes(proxy.cache_dir)
         assert total <= MAX_SIZE, f"store holds {total} bytes after blob {i}, max {MAX_SIZE}"
 
@@ -72,6 +75,8 @@ def test_blob_sent_to_a_slow_client_is_not_evicted(registry: Registry, proxy_fac
         r = get_blob(proxy, registry.hostname, registry.port, repo, digest)
         assert r.status == 200 and r.complete and r.sha256 == digest, (r.status, r.error)
         assert r.cache == expect
+        if expect == "MISS":
+            assert wait_stored(proxy, digest), f"{digest} was not stored"
         total = store_bytes(proxy.cache_dir)
         assert total <= max_size, f"store holds {total} bytes, max {max_size}"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from support.client import afetch
-from support.durability import get_blob, random_blob, stored_blobs, tmp_files
+from support.durability import get_blob, random_blob, stored_blobs, tmp_files, wait_stored
 from support.registry import Registry
 from support.servers import AioThread, ThrottledRelay
 
@@ -77,6 +77,7 @@ def test_full_disk_serves_through_and_recovers(
             return r
 
         assert get(small).cache == "MISS"
+        assert wait_stored(proxy, small)
         assert get(small).cache == "HIT"
         assert proxy.metric("registry_cache_store_unavailable") == 0
 
@@ -119,10 +120,11 @@ def test_full_disk_serves_through_and_recovers(
 
         filler.unlink()  # space returns
         assert get(later).cache == "MISS"
-        assert later in stored_blobs(cache), "storing did not resume after space came back"
+        assert wait_stored(proxy, later), "storing did not resume after space came back"
         assert get(later).cache == "HIT"
         assert proxy.metric("registry_cache_store_unavailable") == 0
         assert get(big).cache == "MISS"
+        assert wait_stored(proxy, big)
         assert get(big).cache == "HIT"
         assert tmp_files(cache) == []
         assert len(proxy.log_lines(FULL_LOG)) == 1
@@ -151,6 +153,7 @@ def test_full_disk_while_access_times_wait_to_be_written(
             return r
 
         assert get(kept).cache == "MISS"
+        assert wait_stored(proxy, kept)
         assert get(kept).cache == "HIT"  # its access time now waits for the next flush
         # Full to the last byte, so that the index cannot grow either. This lasts well
         # under a second, seconds before the proxy's first housekeeping (10 s after start).

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from support.client import fetch
-from support.durability import blob_path, cli, stored_blobs
+from support.durability import blob_path, cli, stored_blobs, wait_stored
 from support.images import OCI_MANIFEST, layout_blobs, skopeo
 from support.registry import Registry
 
@@ -49,9 +49,8 @@ def test_index_rebuilt_from_store(
     img = image_factory(ref, [400_000, 200_000, 100_000])
     proxy = proxy_factory()
     assert set(img.blob_digests) <= pull(proxy, ref, tmp_path / "first")
+    assert wait_stored(proxy, *img.blob_digests, img.manifest_digest)
     held = stored_blobs(proxy.cache_dir)
-    assert set(img.blob_digests) <= held.keys()
-    assert img.manifest_digest in held
     proxy.stop()
 
     damage_index(proxy.cache_dir, how)
@@ -85,7 +84,7 @@ def test_index_rebuilt_from_store(
     fetched = registry.blob_requests(repo)[upstream_count:]
     assert [r.uri.rsplit("/", 1)[1] for r in fetched] == [rotten], fetched
     assert upstream_before  # the first pull did go upstream
-    assert stored_blobs(proxy.cache_dir).keys() >= set(img.blob_digests)
+    assert wait_stored(proxy, *img.blob_digests)
 
 
 def test_manifest_by_digest_is_a_hit_after_index_rebuild(

@@ -15,6 +15,7 @@ from support.durability import (
     push_all,
     random_blob,
     stored_blobs,
+    wait_stored,
 )
 from support.images import layout_blobs, skopeo
 from support.registry import Registry
@@ -60,9 +61,10 @@ def test_prefetch_warms_every_platform(registry: Registry, pki: Pki, proxy_facto
     res = cli(proxy, "prefetch", ref)
     assert res.returncode == 0, res.stderr
     assert ref in res.stdout, res.stdout
-    held = stored_blobs(proxy.cache_dir)
     wanted = image.digests() | {image.index_digest}
-    assert wanted <= held.keys(), f"prefetch left out {wanted - held.keys()}"
+    assert wait_stored(proxy, *wanted), (
+        f"prefetch left out {wanted - stored_blobs(proxy.cache_dir).keys()}"
+    )
 
     before = len(upstream_gets(registry, repo))
     got = pull(proxy, ref, tmp_path / "pulled", "--all")
@@ -86,6 +88,7 @@ def test_prefetch_one_platform(registry: Registry, pki: Pki, proxy_factory, tmp_
 
     res = cli(proxy, "prefetch", "--platform", ARM64, ref)
     assert res.returncode == 0, res.stderr
+    assert wait_stored(proxy, *image.digests(ARM64))
     held = stored_blobs(proxy.cache_dir).keys()
     assert image.digests(ARM64) <= held
     assert not image.digests(AMD64) & held, "--platform linux/arm64 also fetched amd64"
@@ -111,6 +114,8 @@ def test_status_and_gc(registry: Registry, proxy_factory):
     def get(i: int, expect: str) -> None:
         r = get_blob(proxy, registry.hostname, registry.port, repo, blobs[i])
         assert r.status == 200 and r.sha256 == blobs[i] and r.cache == expect
+        if expect == "MISS":
+            assert wait_stored(proxy, blobs[i])
 
     for i in range(3):
         get(i, "MISS")

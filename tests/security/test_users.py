@@ -22,6 +22,7 @@ from security.secsupport import (
     skopeo_via,
 )
 from support.client import fetch
+from support.durability import wait_stored
 from support.images import layout_blobs
 from support.proxy import Proxy
 from support.registry import Registry
@@ -137,8 +138,7 @@ def test_user_allow_list_is_enforced_on_cached_content(
     )
     assert res.returncode == 0, f"admin pull through an authenticating proxy:\n{res.stderr}"
     assert set(secret.blob_digests) <= layout_blobs(tmp_path / "admin-secret")
-    cached = {p.name for p in proxy.files_in_cache_blobs()}
-    assert {d.split(":")[1] for d in secret.blob_digests} <= cached, "secret not cached"
+    assert wait_stored(proxy, *secret.blob_digests), "secret not cached"
 
     # bob may read pub/*
     res = skopeo_via(proxy_url(proxy, *BOB), *pull_args(proxy, public_ref, tmp_path / "bob-pub"))

@@ -17,7 +17,7 @@ from pathlib import Path
 from .client import Response, fetch
 from .images import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, _layer, sha256, skopeo
 from .proxy import Proxy, proxy_python
-from .registry import Registry
+from .registry import Registry, wait_until
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
@@ -66,6 +66,21 @@ def store_bytes(cache_dir: Path) -> int:
     """The sum of the sizes of every file under cache_dir/blobs."""
     d = cache_dir / "blobs"
     return sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) if d.exists() else 0
+
+
+def wait_stored(proxy: Proxy, *digests: str, timeout: float = 30) -> bool:
+    """Waits until the blobs are in the store and counted in its size. A client gets a
+    MISS's last byte as soon as the blob is verified, before the proxy has flushed and
+    renamed it into the store and indexed it (the client need not wait for the disk), so
+    a test that looks at the store right after a MISS must wait for that first."""
+
+    def settled() -> bool:
+        held = stored_blobs(proxy.cache_dir)
+        return all(d in held for d in digests) and proxy.metric(
+            "registry_cache_size_bytes"
+        ) == store_bytes(proxy.cache_dir)
+
+    return bool(wait_until(settled, timeout=timeout))
 
 
 def blob_path(cache_dir: Path, digest: str) -> Path:
