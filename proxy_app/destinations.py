@@ -4,7 +4,8 @@ cloud metadata addresses, unless a host is named explicitly in `intercept`/`pass
 The check runs on resolved addresses, in the resolver the upstream client uses and
 before a tunnel is opened, so a name that resolves to 127.0.0.1 or 169.254.169.254 is
 refused like the address itself (and a DNS answer that changes between a check and the
-connection cannot slip past: the connection uses only addresses that passed).
+connection cannot slip past: the connection uses only addresses that passed). Behind a
+parent proxy (upstream_proxy) the parent connects, and resolves names the cache cannot.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import ipaddress
+import logging
 import re
 import socket
 
@@ -20,6 +22,8 @@ from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
 from .config import Config
+
+log = logging.getLogger(__name__)
 
 METADATA_ADDRESSES = frozenset(
     {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
@@ -126,9 +130,19 @@ class DestinationPolicy:
         return None
 
     async def resolve(self, host: str, port: int) -> list[str]:
-        """Resolved addresses of host that may be used; raises DestinationRefused."""
+        """Resolved addresses of host that may be used; raises DestinationRefused.
+
+        Behind a parent proxy, a name that does not resolve here is left to the parent
+        (the usual network where only the proxy has outside DNS), and the list is empty:
+        the cache never connects to it itself. A name that resolves here is checked."""
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            if self._parent is None:
+                raise
+            log.debug("%s does not resolve here (%s): the parent proxy resolves it", host, e)
+            return []
         addresses = [str(info[4][0]) for info in infos]
         reason = self.refusal(host, port, addresses)
         if reason:

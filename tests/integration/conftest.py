@@ -149,7 +149,7 @@ def proxy_factory(
     made: list[Proxy] = []
     counter = itertools.count()
 
-    def make(start: bool = True, **config: Any) -> Proxy:
+    def make(start: bool = True, command_prefix: tuple[str, ...] = (), **config: Any) -> Proxy:
         base: dict[str, Any] = {
             "upstream_ca_bundle": str(pki.ca_path),
             "intercept": ["*", "*.rc.test"],  # loopback upstreams must be named explicitly
@@ -157,7 +157,7 @@ def proxy_factory(
             "tag_ttl": "5m",
         }
         base.update(config)
-        proxy = Proxy(tmp_path / f"proxy-{next(counter)}", base)
+        proxy = Proxy(tmp_path / f"proxy-{next(counter)}", base, command_prefix)
         made.append(proxy)
         return proxy.start() if start else proxy
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support.client import raw_exchange
 from support.images import layout_blobs, skopeo
 from support.registry import Registry
 
@@ -72,8 +73,6 @@ def test_passthrough_tunnels_go_through_the_parent_proxy(
 def test_a_parent_that_refuses_the_tunnel_gives_a_502_with_its_answer(
     registry: Registry, proxy_factory
 ):
-    from support.client import raw_exchange
-
     parent = proxy_factory(intercept=[], passthrough=["other.rc.test"])  # not the registry
     child = proxy_factory(
         intercept=[], passthrough=["*.rc.test"], upstream_proxy=f"http://127.0.0.1:{parent.port}"
@@ -82,3 +81,55 @@ def test_a_parent_that_refuses_the_tunnel_gives_a_502_with_its_answer(
     resp = raw_exchange(child.port, connect.encode())
     assert resp.status == 502, resp
     assert b"parent proxy answered" in resp.body and b"403" in resp.body, resp.body
+
+
+def blind_to_outside_names(tmp_path: Path) -> tuple[str, ...]:
+    """A command prefix under which only `localhost` resolves (its own mount namespace,
+    with /etc/hosts and /etc/nsswitch.conf of its own): a host whose DNS knows nothing
+    outside, as on networks where only the parent proxy resolves outside names."""
+    hosts = tmp_path / "hosts-localhost-only"
+    hosts.write_text("127.0.0.1 localhost\n::1 localhost\n")
+    nsswitch = tmp_path / "nsswitch-files-only"
+    nsswitch.write_text("hosts: files\n")
+    script = (
+        f"mount --bind {hosts} /etc/hosts && mount --bind {nsswitch} /etc/nsswitch.conf"
+        ' && exec "$0" "$@"'
+    )
+    return ("unshare", "--mount", "sh", "-c", script)
+
+
+@pytest.mark.parametrize("mode", ["intercept", "passthrough"])
+def test_a_name_only_the_parent_proxy_resolves(
+    mode: str, registry: Registry, image_factory, proxy_factory, pki, tmp_path: Path
+):
+    """The cache resolves a CONNECT's host itself to check where it leads; behind a
+    parent proxy, a name it cannot resolve is left to the parent instead of refused."""
+    ref = f"{registry.netloc}/pub/{mode}-parent-dns:latest"
+    img = image_factory(ref, [40_000])
+    blind = blind_to_outside_names(tmp_path)
+    dispositions = {} if mode == "intercept" else {"intercept": [], "passthrough": ["*.rc.test"]}
+    # Without a parent the same blind cache cannot reach the registry: the name is
+    # really unknown to it (or this test would prove nothing).
+    alone = proxy_factory(command_prefix=blind, **dispositions)
+    connect = f"CONNECT {registry.netloc} HTTP/1.1\r\nHost: {registry.netloc}\r\n\r\n"
+    resp = raw_exchange(alone.port, connect.encode())
+    assert resp.status == 502 and b"cannot resolve" in resp.body, resp
+
+    parent = proxy_factory(intercept=[], passthrough=["*.rc.test"], log_level="info")
+    child = proxy_factory(
+        command_prefix=blind,
+        upstream_proxy=f"http://localhost:{parent.port}",
+        log_level="info",
+        **dispositions,
+    )
+    res = skopeo(
+        "copy",
+        "--src-cert-dir",
+        str(child.cert_dir if mode == "intercept" else pki.cert_dir),
+        f"docker://{ref}",
+        f"oci:{tmp_path / 'out'}:latest",
+        proxy_port=child.port,
+    )
+    assert res.returncode == 0, f"{res.stderr}\n{child.output()[-2000:]}"
+    assert set(img.blob_digests) <= layout_blobs(tmp_path / "out")
+    assert parent.log_lines(f"tunnel {registry.hostname}:{registry.port}"), parent.output()

@@ -28,8 +28,13 @@ def proxy_python() -> str:
 class Proxy:
     """One proxy process with its own config, cache_dir and log file."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+    def __init__(
+        self, workdir: Path, config: dict[str, Any], command_prefix: tuple[str, ...] = ()
+    ) -> None:
         self.dir = workdir
+        # What the proxy's command runs under (`unshare ...`): it must exec the command,
+        # so that the process stopped is the proxy itself.
+        self.command_prefix = command_prefix
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.config: dict[str, Any] = {
@@ -62,7 +67,15 @@ class Proxy:
         for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
             env.pop(k, None)
         self.proc = subprocess.Popen(
-            [proxy_python(), "-m", "proxy_app", "serve", "--config", str(self.config_path)],
+            [
+                *self.command_prefix,
+                proxy_python(),
+                "-m",
+                "proxy_app",
+                "serve",
+                "--config",
+                str(self.config_path),
+            ],
             stdout=out,
             stderr=err,
             stdin=subprocess.DEVNULL,
