@@ -11,25 +11,12 @@ from pathlib import Path
 import pytest
 from support.client import fetch
 from support.durability import blob_path, cli, stored_blobs, wait_stored
-from support.images import OCI_MANIFEST, layout_blobs, skopeo
+from support.images import OCI_MANIFEST, pulled_blobs
 from support.registry import Registry
 
 pytestmark = pytest.mark.integration
 
 INDEX = "index.sqlite3"
-
-
-def pull(proxy, ref: str, dest: Path):
-    res = skopeo(
-        "copy",
-        "--src-cert-dir",
-        str(proxy.cert_dir),
-        f"docker://{ref}",
-        f"oci:{dest}:latest",
-        proxy_port=proxy.port,
-    )
-    assert res.returncode == 0, f"pull of {ref} through the proxy failed:\n{res.stderr}"
-    return layout_blobs(dest)
 
 
 def damage_index(cache: Path, how: str) -> None:
@@ -48,7 +35,7 @@ def test_index_rebuilt_from_store(
     ref = f"{registry.netloc}/{repo}:latest"
     img = image_factory(ref, [400_000, 200_000, 100_000])
     proxy = proxy_factory()
-    assert set(img.blob_digests) <= pull(proxy, ref, tmp_path / "first")
+    assert set(img.blob_digests) <= pulled_blobs(proxy, ref, tmp_path / "first")
     assert wait_stored(proxy, *img.blob_digests, img.manifest_digest)
     held = stored_blobs(proxy.cache_dir)
     proxy.stop()
@@ -77,7 +64,7 @@ def test_index_rebuilt_from_store(
 
     upstream_before = {r.uri for r in registry.blob_requests(repo)}
     upstream_count = len(registry.blob_requests(repo))
-    assert set(img.blob_digests) <= pull(proxy, ref, tmp_path / "second")
+    assert set(img.blob_digests) <= pulled_blobs(proxy, ref, tmp_path / "second")
     for digest in img.blob_digests:
         expected = ["MISS", "MISS"] if digest == rotten else ["MISS", "HIT"]
         assert proxy.results_for(digest) == expected, (digest, proxy.results_for(digest))

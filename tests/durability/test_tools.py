@@ -17,27 +17,13 @@ from support.durability import (
     stored_blobs,
     wait_stored,
 )
-from support.images import layout_blobs, skopeo
+from support.images import pulled_blobs
 from support.registry import Registry
 from support.topology import Pki
 
 pytestmark = pytest.mark.integration
 
 AMD64, ARM64 = "linux/amd64", "linux/arm64"
-
-
-def pull(proxy, ref: str, dest: Path, *extra: str) -> set[str]:
-    res = skopeo(
-        "copy",
-        "--src-cert-dir",
-        str(proxy.cert_dir),
-        *extra,
-        f"docker://{ref}",
-        f"oci:{dest}:latest",
-        proxy_port=proxy.port,
-    )
-    assert res.returncode == 0, f"pull of {ref} through the proxy failed:\n{res.stderr}"
-    return layout_blobs(dest)
 
 
 def upstream_gets(registry: Registry, repo: str) -> list[str]:
@@ -67,7 +53,7 @@ def test_prefetch_warms_every_platform(registry: Registry, pki: Pki, proxy_facto
     )
 
     before = len(upstream_gets(registry, repo))
-    got = pull(proxy, ref, tmp_path / "pulled", "--all")
+    got = pulled_blobs(proxy, ref, tmp_path / "pulled", "--all")
     assert image.digests() <= got
     for platform in (AMD64, ARM64):
         p = image.platforms[platform]
@@ -94,7 +80,9 @@ def test_prefetch_one_platform(registry: Registry, pki: Pki, proxy_factory, tmp_
     assert not image.digests(AMD64) & held, "--platform linux/arm64 also fetched amd64"
 
     before = len(upstream_gets(registry, repo))
-    pull(proxy, ref, tmp_path / "pulled", "--override-os", "linux", "--override-arch", "arm64")
+    pulled_blobs(
+        proxy, ref, tmp_path / "pulled", "--override-os", "linux", "--override-arch", "arm64"
+    )
     arm = image.platforms[ARM64]
     for digest in [arm.manifest_digest, *arm.blob_digests]:
         assert proxy.results_for(digest)[-1:] == ["HIT"], digest
@@ -164,5 +152,5 @@ def test_pull_after_prefetch_gets_the_tag_from_the_cache(
     push_all(image.layout, ref, pki.cert_dir)
     proxy = proxy_factory()
     assert cli(proxy, "prefetch", ref).returncode == 0
-    pull(proxy, ref, tmp_path / "pulled", "--all")
+    pulled_blobs(proxy, ref, tmp_path / "pulled", "--all")
     assert proxy.results_for(f"/{repo}/manifests/2.0") == ["MISS", "HIT"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from support.client import fetch
-from support.images import layout_blobs, skopeo
+from support.images import layout_blobs, pull
 from support.registry import Registry
 from support.topology import PRIVATE_CREDS, TOKEN_CREDS, TokenSetup
 
@@ -16,18 +16,6 @@ pytestmark = pytest.mark.integration
 
 def basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-def pull(proxy, ref: str, dest: Path, *extra: str):
-    return skopeo(
-        "copy",
-        "--src-cert-dir",
-        str(proxy.cert_dir),
-        *extra,
-        f"docker://{ref}",
-        f"oci:{dest}:latest",
-        proxy_port=proxy.port,
-    )
 
 
 @pytest.fixture

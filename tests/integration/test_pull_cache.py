@@ -6,22 +6,10 @@ from pathlib import Path
 
 import pytest
 from support.client import fetch
-from support.images import layout_blobs, skopeo
+from support.images import layout_blobs, pull
 from support.registry import Registry
 
 pytestmark = pytest.mark.integration
-
-
-def pull(proxy, ref: str, dest: Path, *extra: str):
-    return skopeo(
-        "copy",
-        "--src-cert-dir",
-        str(proxy.cert_dir),
-        *extra,
-        f"docker://{ref}",
-        f"oci:{dest}:latest",
-        proxy_port=proxy.port,
-    )
 
 
 def test_multilayer_image_miss_then_hit(

@@ -11,6 +11,10 @@ import subprocess
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .proxy import Proxy
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -122,6 +126,27 @@ def skopeo(
         timeout=timeout,
         check=False,
     )
+
+
+def pull(proxy: Proxy, ref: str, dest: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """skopeo copy of `ref` through the proxy (trusting its CA) into an OCI layout at dest;
+    `extra` are skopeo's own options (`--src-creds u:p`, `--src-no-creds`, ...)."""
+    return skopeo(
+        "copy",
+        "--src-cert-dir",
+        str(proxy.cert_dir),
+        *extra,
+        f"docker://{ref}",
+        f"oci:{dest}:latest",
+        proxy_port=proxy.port,
+    )
+
+
+def pulled_blobs(proxy: Proxy, ref: str, dest: Path, *extra: str) -> set[str]:
+    """pull, which must succeed; the digests of the blobs it brought."""
+    res = pull(proxy, ref, dest, *extra)
+    assert res.returncode == 0, f"pull of {ref} through the proxy failed:\n{res.stderr}"
+    return layout_blobs(dest)
 
 
 def push(
