@@ -79,6 +79,7 @@ class Config:
     stale_if_error: float = 7 * 86400
     auth_registries: Mapping[str, Credentials] = field(default_factory=dict)
     allow_push: bool = False
+    verify_client_access: bool = False
     intercept: tuple[str, ...] = ("*",)
     passthrough: tuple[str, ...] = ()
     allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
@@ -323,6 +324,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "stale_if_error": parse_duration,
     "auth_registries": parse_auth_registries,
     "allow_push": parse_bool,
+    "verify_client_access": parse_bool,
     "intercept": parse_host_globs,
     "passthrough": parse_host_globs,
     "allowed_clients": parse_networks,

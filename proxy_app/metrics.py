@@ -38,6 +38,13 @@ class Metrics:
         self.inflight = Gauge(
             "registry_cache_inflight_fetches", "Upstream blob fetches under way", registry=r
         )
+        self.access_checks = Counter(
+            "registry_cache_access_checks",
+            "Questions to upstream whether a client may read a repository"
+            " (verify_client_access), by answer (granted, refused)",
+            ["result"],
+            registry=r,
+        )
         self.store_errors = Counter(
             "registry_cache_store_errors",
             "Blobs that could not be stored (disk full, I/O error) and were served through",

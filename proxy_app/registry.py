@@ -23,6 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from .blobs import BlobReader, BlobWriter, DigestMismatch
+from .client_access import ClientAccess
 from .config import ProxyUser
 from .context import CacheContext
 from .exchange import Exchange
@@ -68,6 +69,9 @@ class RegistryProxy:
         self.executor = ctx.executor
         self.inflight = InflightFetches(on_change=ctx.metrics.inflight.set)
         self.manifests = ManifestCache(ctx)
+        self.access = (
+            ClientAccess(ctx.upstream, ctx.metrics) if ctx.config.verify_client_access else None
+        )
         self.send_budget = SendBudget()
         self._tasks: set[asyncio.Task[None]] = set()
         self._storing: set[asyncio.Future[None]] = set()
@@ -177,6 +181,12 @@ class RegistryProxy:
             return await self.pass_through(request, origin, ex, cache_credentials=False)
         if method not in ("GET", "HEAD") or route.kind is RouteKind.OTHER or not route.cacheable:
             return await self.pass_through(request, origin, ex)
+        if self.access is not None:
+            refused = await self.access.check(origin, route, request.headers)
+            if refused is not None:
+                ex.result = "DENIED"
+                ex.note = f"upstream refused the client's credentials ({refused.status})"
+                return refused.response(origin, route)
         if route.kind is RouteKind.BLOB:
             return await self.blob(request, origin, route, ex)
         if route.kind is RouteKind.MANIFEST:

@@ -16,6 +16,7 @@ from integration.conftest import (  # noqa: F401
     image_factory,
     make_registry,
     pki,
+    private_registry,
     proxy_factory,
     registry,
     token_setup,

@@ -20,6 +20,7 @@ def test_defaults_follow_the_design(tmp_path: Path) -> None:
     assert cfg.tag_ttl == 300
     assert cfg.stale_if_error == 7 * 86400
     assert cfg.allow_push is False
+    assert cfg.verify_client_access is False
     assert cfg.intercept == ("*",)
     assert cfg.allowed_ports == frozenset({443})
 
@@ -50,6 +51,7 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
         ("max_size: lots\n", "max_size"),
         ("tag_ttl: soon\n", "tag_ttl"),
         ("allow_push: maybe\n", "allow_push"),
+        ("verify_client_access: sometimes\n", "verify_client_access"),
         ("listen: nowhere\n", "listen"),
         ("allowed_clients: [10.0.0.0/33]\n", "allowed_clients"),
         ("allowed_ports: [70000]\n", "allowed_ports"),
