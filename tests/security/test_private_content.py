@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from support.client import Response, fetch
 from support.durability import wait_stored
-from support.images import layout_blobs, pull
+from support.images import layout_blobs, pull, skopeo
 from support.proxy import Proxy
 from support.registry import Registry
 from support.topology import PRIVATE_CREDS, TOKEN_CREDS, TokenSetup
@@ -126,3 +126,24 @@ def test_a_token_for_another_repository_is_refused(
     mine = get(proxy, host, port, layer, token("repository:tok/guarded:pull"))
     assert (mine.status, mine.cache) == (200, "HIT"), (mine.status, mine.text()[:200])
     assert mine.sha256 == img.layer_digests[0]
+
+
+def test_an_unknown_tag_reads_as_unknown(private_registry: Registry, image_factory, proxy_factory):
+    """The registry's 404 to the question is relayed as the registry's own error code, so
+    clients that test whether a tag exists read the answer right."""
+    reg = private_registry
+    image_factory(f"{reg.netloc}/secret/known:latest", [1_000], creds=PRIVATE_CREDS)
+    proxy = proxy_factory(verify_client_access=True)
+    res = skopeo(
+        "inspect",
+        "--cert-dir",
+        str(proxy.cert_dir),
+        "--creds",
+        ":".join(PRIVATE_CREDS),
+        f"docker://{reg.netloc}/secret/known:nope",
+        proxy_port=proxy.port,
+    )
+    assert res.returncode != 0
+    assert "manifest unknown" in res.stderr, res.stderr
+    r = get(proxy, reg.hostname, reg.port, "/v2/secret/known/manifests/nope", basic(*PRIVATE_CREDS))
+    assert r.status == 404 and json.loads(r.body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy_app.client_access import AccessRefused, ClientAccess
 from proxy_app.config import Config
@@ -21,6 +22,7 @@ from proxy_app.routes import parse_route
 from proxy_app.upstream import Origin, Upstream
 
 GOOD = "Bearer good"
+COOKIE = "session=alice"
 DIGEST = "sha256:" + "ab" * 32
 
 
@@ -33,6 +35,10 @@ async def slow_registry() -> AsyncIterator[tuple[Origin, Counter[str], web.AppRu
         await asyncio.sleep(0.2)  # long enough for the concurrent questions to meet
         if request.headers.get("Authorization") == GOOD:
             return web.Response(status=200)
+        if request.headers.get("Cookie") == COOKIE:  # a session a registry would accept
+            return web.Response(status=200)
+        if request.match_info["name"] == "sso/app":  # a front that sends strangers to log in
+            return web.Response(status=302, headers={"Location": "https://login.example/"})
         return web.Response(
             status=401, headers={"WWW-Authenticate": 'Bearer realm="https://auth.example/token"'}
         )
@@ -74,6 +80,26 @@ def test_questions_are_shared_and_only_a_yes_is_remembered() -> None:
                     assert await access.check(origin, tag, {}) is not None
                 assert asked["team/app Bearer stolen"] == 2, "a no was remembered"
                 assert asked["team/app None"] == 2
+
+                # Only the keyed credential goes with the question: a cookie that would
+                # vouch for one client must not open the repository for every anonymous one.
+                cookie = await access.check(origin, tag, {"Cookie": COOKIE})
+                assert cookie is not None and cookie.status == 401
+                assert await access.check(origin, tag, {}) is not None
+                # Two Authorization headers: refused without asking.
+                before = sum(asked.values())
+                two = CIMultiDict([("Authorization", ""), ("Authorization", GOOD)])
+                ambiguous = await access.check(origin, tag, two)
+                assert ambiguous is not None and ambiguous.status == 400
+                assert sum(asked.values()) == before
+                # A redirect of a manifest (to a login page) is not a yes.
+                sso = await access.check(origin, parse_route("/v2/sso/app/manifests/1"), {})
+                assert sso is not None and sso.status == 403
+                # A yes over https is not one over http (another registry, as far as the
+                # cache can tell), though both are the same host on default ports.
+                plain = Origin("https", origin.host, origin.port)
+                with pytest.raises(aiohttp.ClientError):  # there is no TLS there to ask
+                    await access.check(plain, tag, {"Authorization": GOOD})
 
                 await runner.cleanup()  # upstream gone: nothing new can be confirmed
                 with pytest.raises(aiohttp.ClientError):
