@@ -29,6 +29,8 @@ METADATA_ADDRESSES = frozenset(
     {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 )
 WILDCARDS = frozenset({"*", "*:*"})
+# getaddrinfo's "this name does not exist", as opposed to "the DNS did not answer".
+NO_SUCH_NAME = frozenset({socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)})
 
 
 class DestinationRefused(OSError):
@@ -99,6 +101,21 @@ class DestinationPolicy:
             return True
         return host_matches(self._explicit, host.lower(), port)
 
+    async def _parent_refusal(self) -> str | None:
+        """Why the parent proxy may not resolve names for the cache (it runs on the cache
+        host, or on a loopback or link-local address), or None."""
+        assert self._parent is not None
+        host, port = self._parent
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port)
+        except OSError:
+            return f"the parent's name {host} does not resolve either"
+        for info in infos:
+            reason = forbidden_reason(str(info[4][0]))
+            if reason:
+                return f"the parent {host}: {reason}"
+        return None
+
     def check_redirect(self, url: URL) -> None:
         """A redirect's target: http(s), on a default or allowed port, and, for an IP
         address (which aiohttp connects to without asking the resolver), not one the
@@ -132,15 +149,26 @@ class DestinationPolicy:
     async def resolve(self, host: str, port: int) -> list[str]:
         """Resolved addresses of host that may be used; raises DestinationRefused.
 
-        Behind a parent proxy, a name that does not resolve here is left to the parent
-        (the usual network where only the proxy has outside DNS), and the list is empty:
-        the cache never connects to it itself. A name that resolves here is checked."""
+        Behind a parent proxy on another host, a name that does not exist here is left to
+        the parent (the usual network where only the proxy has outside DNS), and the list
+        is empty: the cache never connects to it itself. A name that resolves here is
+        checked. A parent on the cache host itself gets no such names (unless named in
+        intercept/passthrough): it could resolve them to the cache host's own services."""
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as e:
-            if self._parent is None:
+            # Only "no such name": a DNS failure (EAI_AGAIN) is not an answer to pass on.
+            if self._parent is None or e.errno not in NO_SUCH_NAME:
                 raise
+            # A host named in intercept/passthrough is the admin's own choice, as always.
+            reason = None if self.explicitly_allowed(host, port) else await self._parent_refusal()
+            if reason:
+                raise DestinationRefused(
+                    f"{host} does not resolve here, and names are left to the parent proxy "
+                    f"only when it runs elsewhere ({reason}): on the cache host it could "
+                    "reach the cache host's own services"
+                ) from e
             log.debug("%s does not resolve here (%s): the parent proxy resolves it", host, e)
             return []
         addresses = [str(info[4][0]) for info in infos]

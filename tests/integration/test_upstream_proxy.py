@@ -7,11 +7,14 @@ choice."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
 import pytest
 from support.client import raw_exchange
 from support.images import layout_blobs, skopeo
+from support.proxy import proxy_python
 from support.registry import Registry
 
 pytestmark = pytest.mark.integration
@@ -103,7 +106,9 @@ def test_a_name_only_the_parent_proxy_resolves(
     mode: str, registry: Registry, image_factory, proxy_factory, pki, tmp_path: Path
 ):
     """The cache resolves a CONNECT's host itself to check where it leads; behind a
-    parent proxy, a name it cannot resolve is left to the parent instead of refused."""
+    parent proxy, a name it cannot resolve is left to the parent instead of refused. The
+    parent here runs on the cache host, which is allowed only for hosts named in intercept
+    or passthrough (`*.rc.test` in these configs); the next tests cover the others."""
     ref = f"{registry.netloc}/pub/{mode}-parent-dns:latest"
     img = image_factory(ref, [40_000])
     blind = blind_to_outside_names(tmp_path)
@@ -133,3 +138,64 @@ def test_a_name_only_the_parent_proxy_resolves(
     assert res.returncode == 0, f"{res.stderr}\n{child.output()[-2000:]}"
     assert set(img.blob_digests) <= layout_blobs(tmp_path / "out")
     assert parent.log_lines(f"tunnel {registry.hostname}:{registry.port}"), parent.output()
+
+
+def test_a_parent_on_the_cache_host_is_not_left_unknown_names(
+    registry: Registry, proxy_factory, tmp_path: Path
+):
+    """A parent on the cache host could resolve a name the cache does not know to the
+    cache host's own loopback services (a public name pointing at 127.0.0.1): such names
+    are refused, not passed to it."""
+    parent = proxy_factory(intercept=[], passthrough=["*"], log_level="info")
+    child = proxy_factory(
+        command_prefix=blind_to_outside_names(tmp_path),
+        upstream_proxy=f"http://localhost:{parent.port}",
+    )
+    target = "points-home.outside.example:443"
+    resp = raw_exchange(child.port, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    assert resp.status == 403, resp
+    assert b"does not resolve here" in resp.body and b"loopback" in resp.body, resp.body
+    assert not parent.log_lines("points-home"), "the name reached the parent"
+
+
+PARENT_DNS_PROBE = """
+import asyncio, json, sys
+from proxy_app.config import Config
+from proxy_app.destinations import DestinationPolicy
+
+async def main():
+    out = {}
+    for parent in sys.argv[1:]:
+        policy = DestinationPolicy(Config(upstream_proxy=parent or None))
+        try:
+            out[parent] = await policy.resolve("nowhere.outside.example", 443)
+        except Exception as e:
+            out[parent] = type(e).__name__
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_unknown_names_go_to_a_parent_elsewhere_only(tmp_path: Path):
+    """The destination policy itself, on a host that knows no outside names: left to a
+    parent on another host (an empty address list: the cache never connects itself),
+    refused for a parent on loopback, and an error without a parent."""
+    remote, local = "http://192.0.2.1:3128", "http://127.0.0.1:3128"  # 192.0.2.1: TEST-NET
+    res = subprocess.run(
+        [
+            *blind_to_outside_names(tmp_path),
+            proxy_python(),
+            "-c",
+            PARENT_DNS_PROBE,
+            remote,
+            local,
+            "",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {remote: [], local: "DestinationRefused", "": "gaierror"}
