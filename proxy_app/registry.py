@@ -185,7 +185,10 @@ class RegistryProxy:
             refused = await self.access.check(origin, route, request.headers)
             if refused is not None:
                 ex.result = "DENIED"
-                ex.note = f"upstream refused the client's credentials ({refused.status})"
+                ex.note = (
+                    refused.message
+                    or f"upstream refused the client's credentials ({refused.status})"
+                )
                 return refused.response(origin, route)
         if route.kind is RouteKind.BLOB:
             return await self.blob(request, origin, route, ex)
