@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 import pytest
-from support.client import fetch
+from support.client import basic, fetch
 from support.images import layout_blobs, pull
 from support.registry import Registry
 from support.topology import PRIVATE_CREDS, TOKEN_CREDS, TokenSetup
 
 pytestmark = pytest.mark.integration
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 @pytest.fixture

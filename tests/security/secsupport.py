@@ -4,7 +4,6 @@ skopeo with a proxy URL of our choosing, proxy users and file-tree snapshots."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import subprocess
@@ -19,10 +18,6 @@ from support.client import _read_head as read_head
 from support.proxy import REPO_ROOT, Proxy, proxy_python
 
 EVIL = "rc-sec-evil-5d2a"  # a name any escape from cache_dir would leave behind
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def hash_password(password: str) -> str:

@@ -4,25 +4,18 @@ and credential), against a real htpasswd registry and a real token-auth registry
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
 import pytest
-from support.client import Response, fetch
+from support.client import Response, basic, fetch
 from support.durability import wait_stored
-from support.images import layout_blobs, pull, skopeo
+from support.images import OCI_MANIFEST, layout_blobs, pull, skopeo
 from support.proxy import Proxy
 from support.registry import Registry
 from support.topology import PRIVATE_CREDS, TOKEN_CREDS, TokenSetup
 
 pytestmark = pytest.mark.integration
-
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def get(proxy: Proxy, registry_host: str, port: int, path: str, auth: str | None) -> Response:

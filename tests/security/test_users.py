@@ -14,14 +14,13 @@ from urllib.parse import quote
 
 import pytest
 from security.secsupport import (
-    basic,
     connect_head,
     exchange,
     hash_password,
     pull_args,
     skopeo_via,
 )
-from support.client import fetch
+from support.client import basic, fetch
 from support.durability import wait_stored
 from support.images import layout_blobs
 from support.proxy import Proxy

@@ -7,11 +7,17 @@ targets, and the bad-input tests must send exactly what they say.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+
+def basic(user: str, password: str) -> str:
+    """An `Authorization` (or `Proxy-Authorization`) value for Basic credentials."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 @dataclass

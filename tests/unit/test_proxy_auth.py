@@ -4,15 +4,12 @@ transfer; a header that verified once is not verified again."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
+
+from support.client import basic
 
 from proxy_app.config import ProxyUser
 from proxy_app.proxy_auth import ProxyAuthenticator, hash_password
-
-
-def basic(name: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
 
 
 def test_wrong_passwords_do_not_hold_the_event_loop() -> None:
