@@ -141,6 +141,7 @@ class ClientAccess:
             f"/v2/{route.name}/{'blobs' if blob else 'manifests'}/{route.reference}",
             question,
             follow_redirects=blob,
+            exact=True,
         )
         try:
             if 200 <= response.status < 300:

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Hashable
 import aiohttp
 from aiohttp import web
 
+from .content_coding import ContentCodingError, decode_body
 from .context import CacheContext
 from .exchange import Exchange
 from .index import TagEntry
@@ -186,6 +187,12 @@ class ManifestCache:
             raise UpstreamAnswerInvalid("manifest larger than 4 MiB")
         if upstream.content_length is not None and len(body) != upstream.content_length:
             raise UpstreamAnswerInvalid("manifest body shorter than its Content-Length")
+        try:
+            # Asked for as identity; a front end that compressed it anyway is undone here,
+            # so the digest is taken of (and the store keeps) the document itself.
+            body = decode_body(body, upstream.headers, MAX_MANIFEST_SIZE)
+        except ContentCodingError as e:
+            raise UpstreamAnswerInvalid(f"manifest cannot be decoded: {e}") from e
         media_type = upstream.headers.get("Content-Type", DEFAULT_MEDIA_TYPE).split(";")[0].strip()
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         claimed = upstream.headers.get("Docker-Content-Digest")
@@ -225,7 +232,7 @@ class ManifestCache:
     ) -> web.StreamResponse:
         ex.result = "MISS"
         upstream = await self.upstream.request(
-            "GET", origin, ex.path, request.headers, follow_redirects=True
+            "GET", origin, ex.path, request.headers, follow_redirects=True, exact=True
         )
         try:
             if upstream.status != 200:
@@ -299,7 +306,7 @@ class ManifestCache:
         ex.result = "MISS"
         try:
             upstream = await self.upstream.request(
-                "GET", origin, ex.path, request.headers, follow_redirects=True
+                "GET", origin, ex.path, request.headers, follow_redirects=True, exact=True
             )
         except UPSTREAM_ERRORS as e:
             if stale_ok and entry is not None and cached is not None:
@@ -358,7 +365,7 @@ class ManifestCache:
         answer may be served stale); None when the tag must be fetched anew."""
         try:
             head = await self.upstream.request(
-                "HEAD", origin, ex.path, request.headers, follow_redirects=True
+                "HEAD", origin, ex.path, request.headers, follow_redirects=True, exact=True
             )
         except UPSTREAM_ERRORS as e:
             self.metrics.upstream_errors.inc()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 
+from .content_coding import EXACT_BYTES, ContentCodingError, decode_body
 from .media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES, MANIFEST_TYPES
 
 DOCKER_HUB = "registry-1.docker.io"
@@ -84,7 +85,12 @@ class Prefetcher:
         refs = [ImageRef.parse(i) for i in images]
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
         async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=self.ssl), timeout=timeout, auto_decompress=False
+            connector=aiohttp.TCPConnector(ssl=self.ssl),
+            timeout=timeout,
+            auto_decompress=False,
+            # The cache answers manifests and blobs uncoded; tokens pass through it, so
+            # identity is asked for them too (and a realm that codes anyway is decoded).
+            headers=EXACT_BYTES,
         ) as session:
             self.session = session
             return [await self._image(ref, text) for ref, text in zip(refs, images, strict=True)]
@@ -122,7 +128,10 @@ class Prefetcher:
         async with self.session.get(realm, params=params, proxy=self.proxy_url) as response:
             if response.status != 200:
                 raise PrefetchError(f"token request to {realm} answered {response.status}")
-            data = await response.json(content_type=None)
+            try:
+                data = json.loads(decode_body(await response.read(), response.headers, 1 << 20))
+            except (ContentCodingError, ValueError) as e:
+                raise PrefetchError(f"token endpoint {realm} answered no JSON: {e}") from e
         token = data.get("token") or data.get("access_token")
         if not token:
             raise PrefetchError(f"token endpoint {realm} returned no token")

@@ -15,7 +15,7 @@ import logging
 import re
 import sqlite3
 import ssl
-from collections.abc import Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -25,6 +25,7 @@ from aiohttp import web
 from .blobs import BlobReader, BlobWriter, DigestMismatch
 from .client_access import ClientAccess
 from .config import ProxyUser
+from .content_coding import ContentCodingError, Decoder, codings, decoder_for
 from .context import CacheContext
 from .exchange import Exchange
 from .inflight import BlobFetch, FetchFailed, InflightFetches, StoreUnavailable
@@ -90,12 +91,16 @@ class RegistryProxy:
             ex.result = "PASS"
             response = error_response(400, e.code, e.message)
         except (FetchFailed, *UPSTREAM_ERRORS) as e:
-            if isinstance(e, FetchFailed):
+            ex.note = describe(e)
+            if isinstance(e, ConnectionResetError) and _client_gone(request):
+                # A write to a client that closed its end (Go clients drop the /v2/ ping's
+                # body unread): not the registry's failure, and nobody is left to answer.
+                message = "the client closed the connection"
+            elif isinstance(e, FetchFailed):
                 message = f"fetching from {origin.netloc} failed: {describe(e)}"
             else:
                 self.metrics.upstream_errors.inc()
                 message = f"upstream registry {origin.netloc} cannot be reached: {describe(e)}"
-            ex.note = describe(e)
             response = self._cut(request, ex) or error_response(
                 502, "UNAVAILABLE", message, ex.result
             )
@@ -398,10 +403,18 @@ class RegistryProxy:
         headers = self._direct_headers(client_headers)
         headers["Range"] = f"bytes={offset}-{'' if end is None else end - 1}"
         path = f"/v2/{name}/blobs/{digest}"
-        upstream = await self.upstream.request("GET", origin, path, headers, follow_redirects=True)
+        upstream = await self.upstream.request(
+            "GET", origin, path, headers, follow_redirects=True, exact=True
+        )
         try:
             if upstream.status not in (200, 206):
                 raise FetchFailed(f"upstream answered {upstream.status} for the rest of {digest}")
+            if codings(upstream.headers):
+                # Byte offsets of a coded body are not the blob's: nothing to resume from.
+                raise FetchFailed(
+                    f"upstream sent the rest of {digest} with Content-Encoding "
+                    f"{upstream.headers.get('Content-Encoding')}; it cannot be resumed"
+                )
             skip = offset if upstream.status == 200 else 0  # Range ignored: skip ourselves
             remaining = None if end is None else end - offset
             sent = 0
@@ -429,9 +442,20 @@ class RegistryProxy:
         headers = self._direct_headers(request.headers)
         if "Range" in request.headers:
             headers["Range"] = request.headers["Range"]
-        upstream = await self.upstream.request("GET", origin, path, headers, follow_redirects=True)
+        upstream = await self.upstream.request(
+            "GET", origin, path, headers, follow_redirects=True, exact=True
+        )
         try:
-            response, ex.sent = await relay(request, upstream, "MISS", ex.prepared)
+            if codings(upstream.headers) and upstream.status != 200:
+                raise FetchFailed(
+                    f"{origin.netloc} sent {digest} with Content-Encoding "
+                    f"{upstream.headers.get('Content-Encoding')} for a range; it cannot be served"
+                )
+            try:
+                decoder = decoder_for(upstream.headers)
+            except ContentCodingError as e:
+                raise FetchFailed(f"{origin.netloc} sent blob {digest}: {e}") from e
+            response, ex.sent = await relay(request, upstream, "MISS", ex.prepared, decoder)
         finally:
             upstream.release()
         self.metrics.bytes.labels("upstream").inc(ex.sent)
@@ -447,10 +471,11 @@ class RegistryProxy:
         writer = None
         writing: asyncio.Future[None] | None = None
         upstream: aiohttp.ClientResponse | None = None
+        decoder: Decoder | None = None
         try:
             try:
                 upstream = await self.upstream.request(
-                    "GET", origin, path, headers, follow_redirects=True
+                    "GET", origin, path, headers, follow_redirects=True, exact=True
                 )
             except UPSTREAM_ERRORS as e:
                 self.metrics.upstream_errors.inc()
@@ -462,51 +487,45 @@ class RegistryProxy:
                 self.inflight.release(fetch)
                 fetch.refuse()
                 return
-            if upstream.content_length and upstream.content_length > self.config.max_size:
+            try:
+                decoder = decoder_for(upstream.headers)
+            except ContentCodingError as e:
+                self.metrics.upstream_errors.inc()
+                log.error("refusing blob %s from %s: %s", fetch.digest, origin.netloc, e)
+                fetch.fail(f"{origin.netloc} sent blob {fetch.digest}: {e}")
+                return
+            # A coded body's length is not the blob's: that is known once it is decoded.
+            size = upstream.content_length if decoder is None else None
+            if size and size > self.config.max_size:
                 # It could never stay: serve it through, and keep what is cached.
                 log.info(
                     "%s (%d bytes) is larger than max_size: not stored",
                     fetch.digest,
-                    upstream.content_length,
+                    size,
                 )
                 fetch.fail("larger than max_size: served through", StoreUnavailable)
                 return
             try:
-                if upstream.content_length:
+                if size:
                     # Evicting writes to the index and removes files: its errors are the
                     # store's (never upstream's), and the blob is then served through.
-                    self.maintenance.make_room(upstream.content_length, self.inflight)
+                    self.maintenance.make_room(size, self.inflight)
                 writer = self.store.begin_write(fetch.digest)
             except STORE_ERRORS as e:
                 raise _StoreError(e) from e
-            fetch.begin(writer, upstream.content_length)
-            stream = upstream.content
+            fetch.begin(writer, size)
             # The disk write of one batch overlaps the network read of the next; writes
             # stay in order because each waits for the one before it.
-            while True:
-                data = await stream.readany()
-                if data:
-                    # What has arrived, up to FETCH_BATCH, as the chunks it came in: written
-                    # with one writev, never joined (a copy of a GB costs a tenth of a second).
-                    batch = [data]
-                    size = len(data)
-                    while size < FETCH_BATCH:
-                        more = stream.read_nowait(FETCH_BATCH - size)
-                        if not more:
-                            break
-                        batch.append(more)
-                        size += len(more)
+            async for batch in _batches(upstream.content, decoder):
+                await _written(writing)
                 if writing is not None:
-                    try:
-                        await writing
-                    except OSError as e:
-                        raise _StoreError(e) from e
                     fetch.progressed()
-                    writing = None
-                if not data:
-                    break
                 writing = loop.run_in_executor(self.executor, writer.write_chunks, batch)
-            writer.verify(upstream.content_length)
+            await _written(writing)
+            if writing is not None:
+                fetch.progressed()
+            writing = None
+            writer.verify(size)
             fetch.verify()  # readers take the last byte now, not after the disk flush
             # Storing a verified blob is a task of its own that a shutdown waits for: the
             # bytes are all here, and only the flush is left.
@@ -521,6 +540,15 @@ class RegistryProxy:
             self.metrics.upstream_errors.inc()
             log.error("refusing blob %s from %s: %s", fetch.digest, origin.netloc, e)
             fetch.fail(str(e))
+        except ContentCodingError as e:
+            self.metrics.upstream_errors.inc()
+            await _abandoned(writing, writer)
+            message = (
+                f"{origin.netloc} sent blob {fetch.digest} with Content-Encoding "
+                f"{decoder.description if decoder else '?'} that does not decode: {e}"
+            )
+            log.error("refusing blob: %s", message)
+            fetch.fail(message)
         except (*UPSTREAM_ERRORS, aiohttp.ClientPayloadError) as e:
             self.metrics.upstream_errors.inc()
             await _abandoned(writing, writer)
@@ -601,6 +629,52 @@ class RegistryProxy:
             await asyncio.wait(set(self._storing), timeout=STORE_ON_STOP_TIMEOUT)
 
 
+async def _batches(
+    stream: aiohttp.StreamReader, decoder: Decoder | None
+) -> AsyncIterator[list[bytes]]:
+    """A download as batches of up to about FETCH_BATCH bytes, as its chunks came (written
+    with one writev, never joined: a copy of a GB costs a tenth of a second), decoded
+    first when the registry sent it coded (pieces of a bounded size however well it
+    compresses). Raises ContentCodingError when the coded body is corrupt or cut short."""
+    while True:
+        data = await stream.readany()
+        if not data:
+            break
+        raw = [data]
+        size = len(data)
+        while size < FETCH_BATCH:
+            more = stream.read_nowait(FETCH_BATCH - size)
+            if not more:
+                break
+            raw.append(more)
+            size += len(more)
+        if decoder is None:
+            yield raw
+            continue
+        batch: list[bytes] = []
+        size = 0
+        for chunk in raw:
+            for piece in decoder.feed(chunk):
+                batch.append(piece)
+                size += len(piece)
+                if size >= FETCH_BATCH:
+                    yield batch
+                    batch, size = [], 0
+        if batch:
+            yield batch
+    if decoder is not None:
+        decoder.finish()
+
+
+async def _written(writing: asyncio.Future[None] | None) -> None:
+    """Waits for a batch's disk write; its failure is the store's."""
+    if writing is not None:
+        try:
+            await writing
+        except OSError as e:
+            raise _StoreError(e) from e
+
+
 async def _settled(future: asyncio.Future[None] | None) -> None:
     if future is not None:
         with contextlib.suppress(Exception):
@@ -625,6 +699,11 @@ class _StoreError(Exception):
 def _relayable(headers: Mapping[str, str]) -> dict[str, str]:
     keep = ("content-type", "www-authenticate", "docker-distribution-api-version")
     return {k: v for k, v in headers.items() if k.lower() in keep}
+
+
+def _client_gone(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _disguised_v2(raw: str) -> bool:

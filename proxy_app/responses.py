@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from .blobs import BlobReader
+from .content_coding import Decoder
 from .inflight import StoreUnavailable
 from .upstream import forwardable
 
@@ -106,12 +107,19 @@ async def relay(
     upstream: aiohttp.ClientResponse,
     result: str,
     on_prepared: OnPrepared | None = None,
+    decoder: Decoder | None = None,
 ) -> tuple[web.StreamResponse, int]:
-    """Streams an upstream answer to the client unchanged; returns it and the bytes sent."""
+    """Streams an upstream answer to the client unchanged (or, given a `decoder`, without
+    its content coding); returns it and the bytes sent."""
     headers = forwardable(upstream.headers)
     headers[CACHE_HEADER] = result
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     length = upstream.headers.get("Content-Length")
+    if decoder is not None:
+        # The decoded length is not known before the end: sent chunked.
+        headers.popall("Content-Encoding", None)
+        headers.popall("Content-Length", None)
+        length = None
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     if length is not None and length.isdigit():
         response.content_length = int(length)
     await response.prepare(request)
@@ -120,8 +128,11 @@ async def relay(
     sent = 0
     if request.method != "HEAD":
         async for data in upstream.content.iter_chunked(CHUNK):
-            await response.write(data)
-            sent += len(data)
+            for piece in decoder.feed(data) if decoder is not None else (data,):
+                await response.write(piece)
+                sent += len(piece)
+        if decoder is not None:
+            decoder.finish()
     await response.write_eof()
     return response, sent
 

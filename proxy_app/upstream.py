@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .config import Config, Credentials
+from .content_coding import EXACT_BYTES
 from .destinations import DestinationPolicy, GuardedResolver
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ HOP_BY_HOP = frozenset(
         "host",
     }
 )
+# Headers that describe a request body: they go only with the body they describe.
+BODY_FRAMING = ("Content-Length", "Transfer-Encoding", "Expect", "Content-Encoding")
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError)
@@ -155,9 +158,19 @@ class Upstream:
         data: Any = None,
         follow_redirects: bool = False,
         cache_credentials: bool = True,
+        exact: bool = False,
     ) -> aiohttp.ClientResponse:
-        """Sends a request upstream; the caller must release the response."""
+        """Sends a request upstream; the caller must release the response.
+
+        `exact`: the cache will hash what comes back, so it asks for the registry's exact
+        bytes (identity), whatever coding the client would accept."""
         headers = self.request_headers(origin, client_headers, cache_credentials)
+        if exact:
+            headers.update(EXACT_BYTES)
+        if data is None:
+            # A body announced but not sent would leave the registry waiting for it.
+            for framing in BODY_FRAMING:
+                headers.popall(framing, None)
         url = origin.url(path_and_query)
         for _ in range(MAX_REDIRECTS + 1):
             response = await self.session.request(

@@ -22,6 +22,8 @@ HOSTNAMES = (
     "cdn.rc.test",
     "slow.rc.test",
     "scratch.rc.test",
+    "gzip.rc.test",
+    "gzforce.rc.test",
 )
 HOSTS_MARK = "# registry-cache integration tests"
 

@@ -216,6 +216,8 @@ class Front(AppServer):
     - ``require_basic``: answer 401 (Basic challenge) unless these credentials come.
     - ``forward_auth``: pass the client's Authorization to the backend (token flow).
     - ``redirect_blobs_to``: answer blob GETs with a 307 to that base URL (a "CDN").
+    - ``recode_blobs``: answer blob GETs with ``recode(bytes)``, a body and the
+      ``Content-Encoding`` it is sent with, whatever the client accepts.
     """
 
     def __init__(
@@ -229,6 +231,7 @@ class Front(AppServer):
         require_basic: tuple[str, str] | None = None,
         forward_auth: bool = True,
         redirect_blobs_to: str | None = None,
+        recode_blobs: Callable[[bytes], tuple[bytes, str]] | None = None,
     ) -> None:
         super().__init__(aio, hostname, cert)
         self.backend = backend
@@ -236,6 +239,7 @@ class Front(AppServer):
         self.require_basic = require_basic
         self.forward_auth = forward_auth
         self.redirect_blobs_to = redirect_blobs_to
+        self.recode_blobs = recode_blobs
         self._session: aiohttp.ClientSession | None = None
 
     def app(self) -> web.Application:
@@ -289,6 +293,12 @@ class Front(AppServer):
             out_headers = CIMultiDict(
                 (k, v) for k, v in up.headers.items() if k.lower() not in HOP_BY_HOP
             )
+            recode = self.recode_blobs
+            if recode and request.method == "GET" and "/blobs/sha256:" in path and up.ok:
+                coded, coding = recode(await up.read())
+                out_headers.popall("Content-Length", None)
+                out_headers["Content-Encoding"] = coding
+                return web.Response(status=up.status, body=coded, headers=out_headers)
             resp = web.StreamResponse(status=up.status, headers=out_headers)
             await resp.prepare(request)
             if request.method != "HEAD":
