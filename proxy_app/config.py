@@ -94,6 +94,8 @@ class Config:
     max_connections_per_client: int = 256
     ca_name_constraints: tuple[str, ...] = ()
     head_timeout: float = 30.0
+    # Longest wait for an upstream answer's head, and for a whole manifest or tag check.
+    upstream_timeout: float = 60.0
     # True when `listen` was not configured: a missing IPv6 stack then is not an error.
     listen_is_default: bool = True
 
@@ -113,6 +115,13 @@ def parse_size(value: Any) -> int:
     if not m:
         raise ConfigError(f"{value!r} is not a size; use a number with k, m, g or t (e.g. 32g)")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ConfigError("must be longer than 0 seconds, such as 30s or 2m")
+    return seconds
 
 
 def parse_duration(value: Any) -> float:
@@ -337,6 +346,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_connections_per_client": lambda v: parse_count(v, minimum=1),
     "ca_name_constraints": lambda v: parse_dns_names(v),
     "head_timeout": parse_duration,
+    "upstream_timeout": lambda v: parse_positive_duration(v),
 }
 
 # Keys whose environment value is YAML rather than a plain string (lists of mappings).

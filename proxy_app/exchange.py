@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from .upstream_share import RequestShare
+
 access_log = logging.getLogger("registry_cache.access")
 
 
@@ -27,6 +29,8 @@ class Exchange:
     started: float = field(default_factory=time.monotonic)
     # Set once the response headers went out: an error after that can only cut the line.
     response: web.StreamResponse | None = None
+    # The client's shares of upstream connections this request holds (released at its end).
+    share: RequestShare | None = None
 
     def prepared(self, response: web.StreamResponse) -> None:
         self.response = response

@@ -74,6 +74,10 @@ def _upstream_failed(status: int) -> bool:
     return status >= 500 or status == 429
 
 
+class TurnTimeout(TimeoutError):
+    """Another request for the same manifest held it past the deadline."""
+
+
 class KeyedLocks:
     """A lock per key, kept only while someone holds or waits for it."""
 
@@ -81,14 +85,22 @@ class KeyedLocks:
         self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
 
     @contextlib.asynccontextmanager
-    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+    async def hold(self, key: Hashable, deadline: float) -> AsyncIterator[None]:
+        """Holds key's lock; waits for it until `deadline` (loop clock), TurnTimeout after."""
         lock, users = self._locks.get(key, (None, 0))
         if lock is None:
             lock = asyncio.Lock()
         self._locks[key] = (lock, users + 1)
         try:
-            async with lock:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await lock.acquire()
+            except TimeoutError as e:
+                raise TurnTimeout("another request for it is still waiting on upstream") from e
+            try:
                 yield
+            finally:
+                lock.release()
         finally:
             lock, users = self._locks[key]
             if users <= 1:
@@ -211,6 +223,36 @@ class ManifestCache:
             ex.result,
         )
 
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.config.upstream_timeout
+
+    async def _get(
+        self, request: web.BaseRequest, origin: Origin, ex: Exchange, deadline: float
+    ) -> aiohttp.ClientResponse:
+        """The manifest as the registry has it (exact bytes), its head before `deadline`."""
+        return await self.upstream.request(
+            "GET",
+            origin,
+            ex.path,
+            request.headers,
+            follow_redirects=True,
+            exact=True,
+            share=ex.share,
+            deadline=deadline,
+        )
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        ex: Exchange,
+        deadline: float,
+    ) -> web.StreamResponse:
+        """Upstream's refusal, relayed as it is (its body too must come before `deadline`)."""
+        async with asyncio.timeout_at(deadline):
+            response, ex.sent = await relay(request, upstream, "MISS", ex.prepared)
+        return response
+
     # --- by digest ----------------------------------------------------------------------
 
     async def by_digest(
@@ -219,27 +261,32 @@ class ManifestCache:
         cached = self._cached_body(route.reference)
         if cached is None:
             # Many clients asking at once for a manifest not yet cached: one goes upstream,
-            # the others find it stored when their turn comes.
-            async with self._locks.hold(("digest", route.reference)):
+            # the others find it stored when their turn comes. Every wait, for the turn
+            # and for upstream, ends at the deadline: a slow registry holds nobody longer.
+            deadline = self._deadline()
+            async with self._locks.hold(("digest", route.reference), deadline):
                 cached = self._cached_body(route.reference)
                 if cached is None:
-                    return await self._digest_from_upstream(request, origin, route, ex)
+                    return await self._digest_from_upstream(request, origin, route, ex, deadline)
         ex.result = "HIT"
         return self._answer(request, *cached, route.reference, ex)
 
     async def _digest_from_upstream(
-        self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
+        self,
+        request: web.BaseRequest,
+        origin: Origin,
+        route: Route,
+        ex: Exchange,
+        deadline: float,
     ) -> web.StreamResponse:
         ex.result = "MISS"
-        upstream = await self.upstream.request(
-            "GET", origin, ex.path, request.headers, follow_redirects=True, exact=True
-        )
+        upstream = await self._get(request, origin, ex, deadline)
         try:
             if upstream.status != 200:
-                response, ex.sent = await relay(request, upstream, "MISS")
-                return response
+                return await self._relay(request, upstream, ex, deadline)
             try:
-                body, media_type, digest = await self._read_manifest(upstream)
+                async with asyncio.timeout_at(deadline):
+                    body, media_type, digest = await self._read_manifest(upstream)
                 if digest != route.reference:
                     raise UpstreamAnswerInvalid(
                         f"manifest hashes to {digest}, not {route.reference}"
@@ -262,12 +309,25 @@ class ManifestCache:
         if fresh is not None:
             return fresh
         # One upstream request per tag at a time: the clients of a fleet asking at once
-        # wait for it and then find the answer fresh.
-        async with self._locks.hold(key):
-            fresh = self._fresh_tag(request, key, variant, ex)
-            if fresh is not None:
-                return fresh
-            return await self._tag_from_upstream(request, origin, route, key, variant, ex)
+        # wait for it and then find the answer fresh. Nobody waits past the deadline, for
+        # the turn or for upstream: then the stale answer, if any, or a 504.
+        deadline = self._deadline()
+        try:
+            async with self._locks.hold(key, deadline):
+                fresh = self._fresh_tag(request, key, variant, ex)
+                if fresh is not None:
+                    return fresh
+                return await self._tag_from_upstream(
+                    request, origin, route, key, variant, ex, deadline
+                )
+        except TurnTimeout as e:
+            entry = self._tag_entry(key, variant)
+            cached = self._cached_body(entry.digest) if entry else None
+            if entry is None or cached is None:
+                raise
+            if time.time() - entry.checked_at >= self.config.stale_if_error:
+                raise
+            return self._stale(request, origin, entry, cached, e, ex)
 
     def _fresh_tag(
         self, request: web.BaseRequest, key: tuple[str, str, str, str], variant: str, ex: Exchange
@@ -289,6 +349,7 @@ class ManifestCache:
         key: tuple[str, str, str, str],
         variant: str,
         ex: Exchange,
+        deadline: float,
     ) -> web.StreamResponse:
         """A tag whose cached answer is missing or older than tag_ttl."""
         entry = self._tag_entry(key, variant)
@@ -297,7 +358,7 @@ class ManifestCache:
         stale_ok = cached is not None and age < self.config.stale_if_error
 
         if entry is not None and cached is not None:
-            revalidated = await self._revalidate(request, origin, entry, stale_ok, ex)
+            revalidated = await self._revalidate(request, origin, entry, stale_ok, ex, deadline)
             if revalidated is not None:
                 if ex.result == "HIT":  # a STALE answer must not restart the clock
                     self.index.set_tag(*key, entry.digest, entry.media_type)
@@ -305,9 +366,7 @@ class ManifestCache:
 
         ex.result = "MISS"
         try:
-            upstream = await self.upstream.request(
-                "GET", origin, ex.path, request.headers, follow_redirects=True, exact=True
-            )
+            upstream = await self._get(request, origin, ex, deadline)
         except UPSTREAM_ERRORS as e:
             if stale_ok and entry is not None and cached is not None:
                 return self._stale(request, origin, entry, cached, e, ex)
@@ -323,12 +382,16 @@ class ManifestCache:
                     return self._stale(request, origin, entry, cached, upstream.status, ex)
                 if upstream.status == 404 and entry is not None:
                     self.index.drop_tag(*key)
-                response, ex.sent = await relay(request, upstream, "MISS")
-                return response
+                return await self._relay(request, upstream, ex, deadline)
             try:
-                body, media_type, digest = await self._read_manifest(upstream)
+                async with asyncio.timeout_at(deadline):
+                    body, media_type, digest = await self._read_manifest(upstream)
             except UpstreamAnswerInvalid as e:
                 return self._invalid(origin, e, ex)
+            except TimeoutError as e:
+                if stale_ok and entry is not None and cached is not None:
+                    return self._stale(request, origin, entry, cached, e, ex)
+                raise
         finally:
             upstream.release()
         if await self._store(digest, body, media_type):
@@ -360,12 +423,20 @@ class ManifestCache:
         entry: TagEntry,
         stale_ok: bool,
         ex: Exchange,
+        deadline: float,
     ) -> bool | None:
         """True when upstream still names the cached digest (or is down and the cached
         answer may be served stale); None when the tag must be fetched anew."""
         try:
             head = await self.upstream.request(
-                "HEAD", origin, ex.path, request.headers, follow_redirects=True, exact=True
+                "HEAD",
+                origin,
+                ex.path,
+                request.headers,
+                follow_redirects=True,
+                exact=True,
+                share=ex.share,
+                deadline=deadline,
             )
         except UPSTREAM_ERRORS as e:
             self.metrics.upstream_errors.inc()

@@ -45,6 +45,7 @@ from .responses import (
 from .routes import PUSH_METHODS, BadRoute, Route, RouteKind, parse_route
 from .store_maintenance import STORE_ERRORS, StoreError
 from .upstream import UPSTREAM_ERRORS, Origin, describe
+from .upstream_share import UpstreamShares
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class RegistryProxy:
             ClientAccess(ctx.upstream, ctx.metrics) if ctx.config.verify_client_access else None
         )
         self.send_budget = SendBudget()
+        self.shares = UpstreamShares()
         self._tasks: set[asyncio.Task[None]] = set()
         self._storing: set[asyncio.Future[None]] = set()
         # hit/miss counts not yet added to the index (flushed by the app's housekeeping)
@@ -85,6 +87,7 @@ class RegistryProxy:
         self, request: web.BaseRequest, origin: Origin, ex: Exchange, user: ProxyUser | None = None
     ) -> web.StreamResponse:
         response: web.StreamResponse | None = None
+        share = ex.share = self.shares.for_request(ex.client)
         try:
             response = await self._dispatch(request, origin, ex, user)
         except BadRoute as e:
@@ -92,17 +95,25 @@ class RegistryProxy:
             response = error_response(400, e.code, e.message)
         except (FetchFailed, *UPSTREAM_ERRORS) as e:
             ex.note = describe(e)
+            status = 502
             if isinstance(e, ConnectionResetError) and _client_gone(request):
                 # A write to a client that closed its end (Go clients drop the /v2/ ping's
                 # body unread): not the registry's failure, and nobody is left to answer.
                 message = "the client closed the connection"
             elif isinstance(e, FetchFailed):
                 message = f"fetching from {origin.netloc} failed: {describe(e)}"
+            elif isinstance(e, TimeoutError):
+                self.metrics.upstream_errors.inc()
+                status, ex.note = 504, "upstream timeout"
+                message = (
+                    f"upstream registry {origin.netloc} did not answer in time (the cache waits "
+                    f"up to upstream_timeout, {self.config.upstream_timeout:g} s)"
+                )
             else:
                 self.metrics.upstream_errors.inc()
                 message = f"upstream registry {origin.netloc} cannot be reached: {describe(e)}"
             response = self._cut(request, ex) or error_response(
-                502, "UNAVAILABLE", message, ex.result
+                status, "UNAVAILABLE", message, ex.result
             )
         except (ConnectionError, asyncio.CancelledError):
             raise  # the client went away: nothing to answer
@@ -113,6 +124,8 @@ class RegistryProxy:
             response = self._cut(request, ex) or error_response(
                 500, "UNKNOWN", "internal error in the registry cache; see its log", ex.result
             )
+        finally:
+            share.release()
         response.headers.setdefault(CACHE_HEADER, ex.result)
         ex.status = response.status
         self.metrics.requests.labels(ex.kind, ex.result.lower()).inc()
@@ -143,6 +156,14 @@ class RegistryProxy:
             # registry decodes `/%762/` or `//v2/` to the same API, so such paths stop here.
             raise BadRoute(
                 "NAME_INVALID", "the path must start with /v2/ as it is, not percent-encoded"
+            )
+        if method in ("GET", "HEAD") and request.body_exists:
+            # Forwarded, its body would be the registry's to wait for (or to read as the
+            # next request); the cache sends none, and a client must not expect otherwise.
+            raise BadRoute(
+                "UNSUPPORTED",
+                f"a {method} request must not carry a body: send it without Content-Length "
+                "or Transfer-Encoding",
             )
         if raw.startswith("/v2/") and method in PUSH_METHODS:
             ex.kind = "push"
@@ -221,6 +242,7 @@ class RegistryProxy:
                 request.headers,
                 data=body,
                 cache_credentials=cache_credentials,
+                share=ex.share,
             )
         except UPSTREAM_ERRORS as e:
             if (
@@ -279,7 +301,7 @@ class RegistryProxy:
         while True:
             fetch, mine = self.inflight.claim(digest)
             if mine:
-                self.spawn(self._fetch_blob(fetch, origin, route.name, request.headers))
+                self.spawn(self._fetch_blob(fetch, origin, route.name, request.headers, ex))
             started = await asyncio.shield(fetch.started)
             if started:
                 break
@@ -443,7 +465,7 @@ class RegistryProxy:
         if "Range" in request.headers:
             headers["Range"] = request.headers["Range"]
         upstream = await self.upstream.request(
-            "GET", origin, path, headers, follow_redirects=True, exact=True
+            "GET", origin, path, headers, follow_redirects=True, exact=True, share=ex.share
         )
         try:
             if codings(upstream.headers) and upstream.status != 200:
@@ -462,7 +484,12 @@ class RegistryProxy:
         return response
 
     async def _fetch_blob(
-        self, fetch: BlobFetch, origin: Origin, name: str, client_headers: Mapping[str, str]
+        self,
+        fetch: BlobFetch,
+        origin: Origin,
+        name: str,
+        client_headers: Mapping[str, str],
+        ex: Exchange,
     ) -> None:
         """Downloads one blob into the store, feeding every reader as bytes arrive."""
         loop = asyncio.get_running_loop()
@@ -475,7 +502,7 @@ class RegistryProxy:
         try:
             try:
                 upstream = await self.upstream.request(
-                    "GET", origin, path, headers, follow_redirects=True, exact=True
+                    "GET", origin, path, headers, follow_redirects=True, exact=True, share=ex.share
                 )
             except UPSTREAM_ERRORS as e:
                 self.metrics.upstream_errors.inc()

@@ -9,6 +9,7 @@ or S3) are followed here for cached content, without the registry's Authorizatio
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import re
@@ -24,6 +25,7 @@ from yarl import URL
 from .config import Config, Credentials
 from .content_coding import EXACT_BYTES
 from .destinations import DestinationPolicy, GuardedResolver
+from .upstream_share import LIMIT_PER_HOST, RequestShare
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,7 @@ class Upstream:
         connector = aiohttp.TCPConnector(
             ssl=self._ssl,
             limit=0,
-            limit_per_host=64,
+            limit_per_host=LIMIT_PER_HOST,
             ttl_dns_cache=60,
             resolver=GuardedResolver(self._policy),
         )
@@ -159,11 +161,51 @@ class Upstream:
         follow_redirects: bool = False,
         cache_credentials: bool = True,
         exact: bool = False,
+        share: RequestShare | None = None,
+        deadline: float | None = None,
     ) -> aiohttp.ClientResponse:
         """Sends a request upstream; the caller must release the response.
 
         `exact`: the cache will hash what comes back, so it asks for the registry's exact
-        bytes (identity), whatever coding the client would accept."""
+        bytes (identity), whatever coding the client would accept.
+        `share`: the client's share of the registry's connections, taken first (waiting
+        for it is bounded only by `deadline`: a client's own requests queue behind its own).
+        The answer's head must come within upstream_timeout (unless a body is sent), and
+        before `deadline` (the event loop's clock) when one is given; TimeoutError after."""
+        loop = asyncio.get_running_loop()
+        if share is not None:
+            if deadline is None:
+                await share.take(origin.netloc)
+            else:
+                async with asyncio.timeout_at(deadline):
+                    await share.take(origin.netloc)
+        # A request with a body (a push's layer) may take as long as its upload takes.
+        until = None if data is not None else loop.time() + self._config.upstream_timeout
+        if deadline is not None:
+            until = deadline if until is None else min(until, deadline)
+        async with asyncio.timeout_at(until):
+            return await self._send(
+                method,
+                origin,
+                path_and_query,
+                client_headers,
+                data,
+                follow_redirects,
+                cache_credentials,
+                exact,
+            )
+
+    async def _send(
+        self,
+        method: str,
+        origin: Origin,
+        path_and_query: str,
+        client_headers: Mapping[str, str],
+        data: Any,
+        follow_redirects: bool,
+        cache_credentials: bool,
+        exact: bool,
+    ) -> aiohttp.ClientResponse:
         headers = self.request_headers(origin, client_headers, cache_credentials)
         if exact:
             headers.update(EXACT_BYTES)

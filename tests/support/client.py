@@ -126,7 +126,10 @@ async def read_response(
 class Tunnel:
     """A CONNECT tunnel through the proxy with TLS to ``host`` inside."""
 
-    def __init__(self, proxy_port: int, host: str, port: int, proxy_ca: str) -> None:
+    def __init__(
+        self, proxy_port: int, host: str, port: int, proxy_ca: str, source: str | None = None
+    ) -> None:
+        self.source = source  # the client's own address (127.0.0.2: another client)
         self.proxy_port = proxy_port
         self.host = host
         self.port = port
@@ -135,7 +138,11 @@ class Tunnel:
         self.writer: asyncio.StreamWriter | None = None
 
     async def __aenter__(self) -> Tunnel:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.proxy_port)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            self.proxy_port,
+            local_addr=(self.source, 0) if self.source else None,
+        )
         target = f"{self.host}:{self.port}"
         writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
         await writer.drain()
@@ -184,8 +191,9 @@ async def afetch(
     body: bytes = b"",
     timeout: float = 60,
     keep_body: bool = True,
+    source: str | None = None,
 ) -> Response:
-    async with asyncio.timeout(timeout), Tunnel(proxy_port, host, port, proxy_ca) as t:
+    async with asyncio.timeout(timeout), Tunnel(proxy_port, host, port, proxy_ca, source) as t:
         return await t.request(method, path, headers, body, keep_body=keep_body)
 
 

@@ -218,6 +218,8 @@ class Front(AppServer):
     - ``redirect_blobs_to``: answer blob GETs with a 307 to that base URL (a "CDN").
     - ``recode_blobs``: answer blob GETs with ``recode(bytes)``, a body and the
       ``Content-Encoding`` it is sent with, whatever the client accepts.
+    - ``stall``: requests whose path contains it get no answer for ``stall_seconds``.
+    - ``trickle``: GETs whose path contains it get their body one byte a second.
     """
 
     def __init__(
@@ -232,6 +234,9 @@ class Front(AppServer):
         forward_auth: bool = True,
         redirect_blobs_to: str | None = None,
         recode_blobs: Callable[[bytes], tuple[bytes, str]] | None = None,
+        stall: str | None = None,
+        stall_seconds: float = 20,
+        trickle: str | None = None,
     ) -> None:
         super().__init__(aio, hostname, cert)
         self.backend = backend
@@ -240,6 +245,8 @@ class Front(AppServer):
         self.forward_auth = forward_auth
         self.redirect_blobs_to = redirect_blobs_to
         self.recode_blobs = recode_blobs
+        self.stall, self.stall_seconds, self.trickle = stall, stall_seconds, trickle
+        self.in_flight = 0  # requests being answered now
         self._session: aiohttp.ClientSession | None = None
 
     def app(self) -> web.Application:
@@ -263,7 +270,16 @@ class Front(AppServer):
         return self._session
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        try:
+            return await self._handle(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.record(request)
+        if self.stall and self.stall in request.raw_path:
+            await asyncio.sleep(self.stall_seconds)
         if self.require_basic and request.headers.get("Authorization") != _basic(
             *self.require_basic
         ):
@@ -301,7 +317,11 @@ class Front(AppServer):
                 return web.Response(status=up.status, body=coded, headers=out_headers)
             resp = web.StreamResponse(status=up.status, headers=out_headers)
             await resp.prepare(request)
-            if request.method != "HEAD":
+            if request.method != "HEAD" and self.trickle and self.trickle in path:
+                for byte in await up.read():
+                    await resp.write(bytes([byte]))
+                    await asyncio.sleep(1)
+            elif request.method != "HEAD":
                 async for chunk in up.content.iter_chunked(1 << 16):
                     await resp.write(chunk)
             await resp.write_eof()

@@ -1,0 +1,216 @@
+"""One client must not stall another (issue 13): request framing, bounded upstream waits,
+each client's fair share of a registry's connections.
+
+Against the real registry behind the test `Front`, which can hold answers back (`stall`)
+or send their bodies a byte a second (`trickle`). The second client comes from another
+loopback address (127.0.0.2), as another host of the fleet would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from support.client import Response, Tunnel, afetch, read_response
+from support.images import Image
+from support.proxy import Proxy
+from support.registry import Registry, wait_until
+from support.servers import AioThread, Front
+from support.topology import Pki
+
+from proxy_app.upstream_share import CLIENT_SHARE
+
+pytestmark = pytest.mark.integration
+
+OTHER_CLIENT = "127.0.0.2"
+MANIFEST_TYPES = "application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.fixture
+def front(
+    aio: AioThread, pki: Pki, registry: Registry, upstream_ports: set[int]
+) -> Iterator[Front]:
+    front = Front(
+        aio,
+        "slow.rc.test",
+        pki.server,
+        registry.netloc,
+        pki.ca_path,
+        stall="/stall/",
+        stall_seconds=20,
+        trickle="/trickle/",
+    ).start()
+    upstream_ports.add(front.port)
+    yield front
+    front.stop()
+
+
+async def timed(coro: asyncio.Future[Response] | asyncio.Task[Response]) -> tuple[Response, float]:
+    start = time.monotonic()
+    res = await coro
+    return res, time.monotonic() - start
+
+
+def manifest_request(
+    proxy: Proxy, netloc: str, path: str, source: str | None = None, timeout: float = 30
+) -> asyncio.Task[Response]:
+    host, port = netloc.split(":")
+    return asyncio.ensure_future(
+        afetch(
+            proxy.port,
+            str(proxy.ca_path),
+            host,
+            int(port),
+            "GET",
+            path,
+            {"Accept": MANIFEST_TYPES},
+            timeout=timeout,
+            source=source,
+        )
+    )
+
+
+def test_a_get_with_a_body_is_refused_and_stalls_nobody(
+    registry: Registry, image_factory: Callable[..., Image], proxy_factory: Callable[..., Proxy]
+) -> None:
+    image_factory(f"{registry.netloc}/iso/body:1")
+    proxy = proxy_factory()
+    host, port = registry.netloc.split(":")
+    path = "/v2/iso/body/manifests/1"
+
+    async def run() -> None:
+        async with Tunnel(proxy.port, host, int(port), str(proxy.ca_path)) as hostile:
+            with_body = asyncio.ensure_future(
+                timed(hostile.request("GET", path, {"Accept": MANIFEST_TYPES}, b"0123456789"))
+            )
+            other, other_took = await timed(
+                manifest_request(proxy, registry.netloc, path, OTHER_CLIENT)
+            )
+            refused, refused_took = await asyncio.wait_for(with_body, 10)
+        assert other.status == 200 and other_took < 5, (other.status, other_took)
+        assert refused.status == 400 and refused_took < 5
+        assert "must not carry a body" in refused.text()
+        # The same for HEAD, and for a body sent chunked.
+        async with Tunnel(proxy.port, host, int(port), str(proxy.ca_path)) as hostile:
+            head = await asyncio.wait_for(hostile.request("HEAD", path, body=b"x"), 10)
+            assert head.status == 400
+        async with Tunnel(proxy.port, host, int(port), str(proxy.ca_path)) as hostile:
+            assert hostile.writer is not None and hostile.reader is not None
+            hostile.writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {registry.netloc}\r\n"
+                "Transfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n".encode()
+            )
+            chunked = await asyncio.wait_for(read_response(hostile.reader, "GET"), 10)
+            assert chunked.status == 400
+
+    asyncio.run(run())
+
+
+def test_one_clients_slow_requests_leave_the_others_their_connections(
+    front: Front,
+    registry: Registry,
+    image_factory: Callable[..., Image],
+    proxy_factory: Callable[..., Proxy],
+) -> None:
+    image = image_factory(f"{registry.netloc}/iso/fair:1")
+    proxy = proxy_factory()
+    host, port = front.netloc.split(":")
+
+    async def run() -> None:
+        # 64 requests of one client that the registry holds for 20 s each.
+        hostile = [
+            asyncio.ensure_future(
+                afetch(
+                    proxy.port,
+                    str(proxy.ca_path),
+                    host,
+                    int(port),
+                    "GET",
+                    f"/v2/stall/r{i}/tags/list",
+                    timeout=60,
+                )
+            )
+            for i in range(64)
+        ]
+        try:
+            await asyncio.sleep(2)
+            # Only the client's share reached the registry; the rest wait on the client.
+            assert front.in_flight == CLIENT_SHARE, front.in_flight
+            other, took = await timed(
+                manifest_request(proxy, front.netloc, "/v2/iso/fair/manifests/1", OTHER_CLIENT)
+            )
+            assert other.status == 200 and took < 5, (other.status, took)
+            blob, took = await timed(
+                asyncio.ensure_future(
+                    afetch(
+                        proxy.port,
+                        str(proxy.ca_path),
+                        host,
+                        int(port),
+                        "GET",
+                        f"/v2/iso/fair/blobs/{image.layer_digests[0]}",
+                        timeout=30,
+                        source=OTHER_CLIENT,
+                    )
+                )
+            )
+            assert blob.status == 200 and blob.sha256 == image.layer_digests[0] and took < 5
+        finally:
+            for task in hostile:
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*hostile, return_exceptions=True)
+
+    asyncio.run(run())
+
+
+def test_a_manifest_sent_a_byte_a_second_is_given_up_at_the_bound(
+    front: Front,
+    registry: Registry,
+    image_factory: Callable[..., Image],
+    proxy_factory: Callable[..., Proxy],
+) -> None:
+    image_factory(f"{registry.netloc}/trickle/img:1")
+    proxy = proxy_factory(upstream_timeout="3s")
+    path = "/v2/trickle/img/manifests/1"
+
+    async def run() -> None:
+        first = manifest_request(proxy, front.netloc, path)
+        await asyncio.sleep(0.5)
+        second = manifest_request(proxy, front.netloc, path, OTHER_CLIENT)
+        (a, a_took), (b, b_took) = await asyncio.gather(timed(first), timed(second))
+        for res, took in ((a, a_took), (b, b_took)):
+            assert res.status == 504, res.status
+            assert "upstream_timeout" in res.text()
+            assert took < 5, took  # the second waited for the first's turn, not after it
+
+    asyncio.run(run())
+    assert proxy.files_in_cache_blobs() == []
+    assert wait_until(lambda: front.in_flight == 0, timeout=60)
+
+
+def test_a_stale_tag_is_served_when_upstream_trickles_past_the_bound(
+    front: Front,
+    registry: Registry,
+    image_factory: Callable[..., Image],
+    proxy_factory: Callable[..., Proxy],
+    tmp_path: Path,
+) -> None:
+    first = image_factory(f"{registry.netloc}/iso/stale:1")
+    proxy = proxy_factory(upstream_timeout="3s", tag_ttl="1s")
+    path = "/v2/iso/stale/manifests/1"
+
+    async def get() -> Response:
+        return await manifest_request(proxy, front.netloc, path)
+
+    assert asyncio.run(get()).cache == "MISS"
+    image_factory(f"{registry.netloc}/iso/stale:1")  # the tag moves upstream
+    front.trickle = "/iso/stale/"
+    time.sleep(1.2)
+    res = asyncio.run(get())
+    assert res.status == 200 and res.cache == "STALE", (res.status, res.cache)
+    assert res.headers["docker-content-digest"] == first.manifest_digest
