@@ -39,6 +39,7 @@ from .metrics import Metrics
 from .responses import error_response
 from .routes import Route, RouteKind
 from .upstream import Origin, Upstream
+from .upstream_share import RequestShare
 
 # A yes is remembered this long: about a registry token's lifetime (Docker Hub: 300 s).
 ACCESS_TTL = 300.0
@@ -60,6 +61,11 @@ class AccessRefused:
     status: int
     headers: Mapping[str, str]
     message: str = ""  # when the refusal is the cache's own, not the registry's
+    # What the cache asked for, said after the registry's status in the client's message.
+    why: str = (
+        "with this client's credentials "
+        "(verify_client_access: the cache serves only what upstream allows)"
+    )
 
     def response(self, origin: Origin, route: Route) -> web.Response:
         """The registry's refusal, for one client (the same refusal may answer several)."""
@@ -74,10 +80,7 @@ class AccessRefused:
             code = ERROR_CODES.get(self.status) or (
                 "UNAVAILABLE" if self.status >= 500 else "DENIED"
             )
-            message = (
-                f"{origin.netloc} answered {self.status} for {route.name} with this client's "
-                "credentials (verify_client_access: the cache serves only what upstream allows)"
-            )
+            message = f"{origin.netloc} answered {self.status} for {route.name} {self.why}"
         return error_response(self.status, code, message, "DENIED", headers=dict(self.headers))
 
 
@@ -98,15 +101,9 @@ class ClientAccess:
     ) -> AccessRefused | None:
         """None when the client may read route's repository; else the registry's refusal.
         Raises the upstream error when the registry cannot be asked."""
-        # items(), not get(): a multidict gives every Authorization header it holds.
-        given = [v for k, v in client_headers.items() if k.lower() == "authorization"]
-        if len(given) > 1:
-            return AMBIGUOUS
-        # Clients send Accept several times (one media type each): all of them go, joined.
-        accept = [v for k, v in client_headers.items() if k.lower() == "accept"]
-        question = {"Accept": ", ".join(accept)} if accept else {}
-        if given:
-            question["Authorization"] = given[0]
+        question = question_for(client_headers)
+        if isinstance(question, AccessRefused):
+            return question
         # What the cache would send: the client's credential, or the cache's own for it.
         sent = self._upstream.request_headers(origin, question).get("Authorization", "")
         key = (origin, route.name, hashlib.sha256(sent.encode()).hexdigest())
@@ -134,34 +131,72 @@ class ClientAccess:
         route: Route,
         question: Mapping[str, str],
     ) -> AccessRefused | None:
-        blob = route.kind is RouteKind.BLOB
-        response = await self._upstream.request(
-            "HEAD",
-            origin,
-            f"/v2/{route.name}/{'blobs' if blob else 'manifests'}/{route.reference}",
-            question,
-            follow_redirects=blob,
-            exact=True,
-        )
-        try:
-            if 200 <= response.status < 300:
-                self._metrics.access_checks.labels("granted").inc()
-                self._granted[key] = time.monotonic() + ACCESS_TTL
-                self._granted.move_to_end(key)
-                while len(self._granted) > MAX_REMEMBERED:
-                    self._granted.popitem(last=False)
-                return None
+        answer = await ask(self._upstream, origin, route, question)
+        if isinstance(answer, AccessRefused):
             self._metrics.access_checks.labels("refused").inc()
-            if response.status < 400:
-                # A redirect of a manifest (to another scheme, to a login page) confirms
-                # nothing, and a client could not follow it here.
-                return AccessRefused(
-                    403,
-                    {},
-                    f"{origin.netloc} answered {response.status} (a redirect) when asked whether "
-                    f"this client may read {route.name}; access cannot be confirmed",
-                )
-            relayed = {k: v for k, v in response.headers.items() if k.lower() in RELAYED_HEADERS}
+            return answer
+        self._metrics.access_checks.labels("granted").inc()
+        self._granted[key] = time.monotonic() + ACCESS_TTL
+        self._granted.move_to_end(key)
+        while len(self._granted) > MAX_REMEMBERED:
+            self._granted.popitem(last=False)
+        return None
+
+
+def question_for(client_headers: Mapping[str, str]) -> dict[str, str] | AccessRefused:
+    """What goes with a question to the registry about a client: its one Authorization
+    (nothing else that could vouch for it) and its Accept list."""
+    # items(), not get(): a multidict gives every Authorization header it holds.
+    given = [v for k, v in client_headers.items() if k.lower() == "authorization"]
+    if len(given) > 1:
+        return AMBIGUOUS
+    # Clients send Accept several times (one media type each): all of them go, joined.
+    accept = [v for k, v in client_headers.items() if k.lower() == "accept"]
+    question = {"Accept": ", ".join(accept)} if accept else {}
+    if given:
+        question["Authorization"] = given[0]
+    return question
+
+
+async def ask(
+    upstream: Upstream,
+    origin: Origin,
+    route: Route,
+    question: Mapping[str, str],
+    *,
+    share: RequestShare | None = None,
+    deadline: float | None = None,
+    why: str | None = None,
+) -> Mapping[str, str] | AccessRefused:
+    """Asks the registry (a HEAD) whether route's blob or manifest may be read with the
+    question's credential: the yes's headers (a 2xx), or its refusal as the registry gave
+    it. A blob's redirect to storage is followed; a manifest's confirms nothing."""
+    blob = route.kind is RouteKind.BLOB
+    response = await upstream.request(
+        "HEAD",
+        origin,
+        f"/v2/{route.name}/{'blobs' if blob else 'manifests'}/{route.reference}",
+        question,
+        follow_redirects=blob,
+        exact=True,
+        share=share,
+        deadline=deadline,
+    )
+    try:
+        if 200 <= response.status < 300:
+            return response.headers
+        if response.status < 400:
+            # A redirect of a manifest (to another scheme, to a login page) confirms
+            # nothing, and a client could not follow it here.
+            return AccessRefused(
+                403,
+                {},
+                f"{origin.netloc} answered {response.status} (a redirect) when asked whether "
+                f"this client may read {route.name}; access cannot be confirmed",
+            )
+        relayed = {k: v for k, v in response.headers.items() if k.lower() in RELAYED_HEADERS}
+        if why is None:
             return AccessRefused(response.status, relayed)
-        finally:
-            response.release()
+        return AccessRefused(response.status, relayed, why=why)
+    finally:
+        response.release()

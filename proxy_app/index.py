@@ -33,6 +33,17 @@ CREATE TABLE IF NOT EXISTS tags (
     checked_at REAL NOT NULL,
     PRIMARY KEY (host, name, tag, variant)
 );
+-- Where each digest was seen: registry (Origin.key), repository, and, for a manifest,
+-- the media type that registry gave it (another registry's label never replaces it).
+CREATE TABLE IF NOT EXISTS links (
+    host       TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    media_type TEXT,
+    linked_at  REAL NOT NULL,
+    PRIMARY KEY (host, name, digest)
+);
+CREATE INDEX IF NOT EXISTS links_by_digest ON links(digest);
 CREATE TABLE IF NOT EXISTS stats (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -45,6 +56,15 @@ class TagEntry:
     digest: str
     media_type: str
     checked_at: float
+
+
+@dataclass(frozen=True)
+class Link:
+    media_type: str | None
+
+
+# PRAGMA user_version: 0 before links existed, 1 once an older cache's links are rebuilt.
+SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -63,6 +83,12 @@ class Index:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._pending_access: dict[str, float] = {}
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        # A cache made before links existed: its links are to be rebuilt (needs the store,
+        # so the app does it: store_maintenance.link_tagged_content). A new one has none.
+        self.needs_links = version < SCHEMA_VERSION and self.count() > 0
+        if not self.needs_links and version < SCHEMA_VERSION:
+            self.set_schema_version()
 
     @classmethod
     def open_or_rebuild(cls, path: Path) -> tuple[Index, bool]:
@@ -79,6 +105,10 @@ class Index:
                     p.replace(p.with_name(p.name + ".corrupt"))
             return cls(path), True
 
+    def set_schema_version(self) -> None:
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self.needs_links = False
+
     def close(self) -> None:
         self.flush_access()
         self._db.close()
@@ -91,7 +121,8 @@ class Index:
             "INSERT INTO blobs(digest, size, media_type, stored_at, last_access) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT(digest) DO UPDATE SET "
             "size=excluded.size, last_access=excluded.last_access, "
-            "media_type=coalesce(excluded.media_type, blobs.media_type)",
+            # Whether it is a manifest; what type each registry gives it is in its link.
+            "media_type=coalesce(blobs.media_type, excluded.media_type)",
             (digest, size, media_type, now, now),
         )
 
@@ -114,6 +145,7 @@ class Index:
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany("DELETE FROM blobs WHERE digest=?", [(d,) for d in digests])
+            self._db.executemany("DELETE FROM links WHERE digest=?", [(d,) for d in digests])
 
     def blob(self, digest: str) -> BlobEntry | None:
         row = self._db.execute(
@@ -143,7 +175,10 @@ class Index:
             raise
 
     def remove_blob(self, digest: str) -> None:
-        self._db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
+            self._db.execute("DELETE FROM links WHERE digest=?", (digest,))
 
     def restore_blob(self, entry: BlobEntry) -> None:
         """Puts back an entry just removed, as it was (its file could not be deleted)."""
@@ -227,3 +262,38 @@ class Index:
             "DELETE FROM tags WHERE host=? AND name=? AND tag=? AND variant=?",
             (host, name, tag, variant),
         )
+
+    # --- links: which registry and repository each digest was seen in ------------------
+
+    def link(self, host: str, name: str, digest: str) -> Link | None:
+        row = self._db.execute(
+            "SELECT media_type FROM links WHERE host=? AND name=? AND digest=?",
+            (host, name, digest),
+        ).fetchone()
+        return Link(row[0]) if row else None
+
+    def add_link(self, host: str, name: str, digest: str, media_type: str | None = None) -> None:
+        """Records that host has digest in repository name (as media_type, a manifest)."""
+        self._db.execute(
+            "INSERT INTO links(host, name, digest, media_type, linked_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(host, name, digest) DO UPDATE SET "
+            "media_type=coalesce(excluded.media_type, links.media_type)",
+            (host, name, digest, media_type, time.time()),
+        )
+
+    def add_links(self, links: list[tuple[str, str, str, str | None]]) -> None:
+        """Many links in one transaction (rebuilding an older cache's)."""
+        if not links:
+            return
+        now = time.time()
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR IGNORE INTO links(host, name, digest, media_type, linked_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(*link, now) for link in links],
+            )
+
+    def all_tags(self) -> list[tuple[str, str, str, str]]:
+        """(host, name, digest, media_type) of every tag answer."""
+        return list(self._db.execute("SELECT DISTINCT host, name, digest, media_type FROM tags"))

@@ -40,6 +40,8 @@ class BlobFetch:
         # What upstream answered the initiating request instead of the blob (to relay).
         self.refusal: object | None = None
         self.error: FetchFailed | None = None
+        # Where it is fetched from: (Origin.key, repository), linked there once stored.
+        self.source: tuple[str, str] | None = None
         self._progress = asyncio.Event()
 
     # --- writer side --------------------------------------------------------------------

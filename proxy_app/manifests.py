@@ -21,11 +21,13 @@ from collections.abc import AsyncIterator, Hashable
 import aiohttp
 from aiohttp import web
 
+from .client_access import AccessRefused
 from .content_coding import ContentCodingError, decode_body
 from .context import CacheContext
 from .exchange import Exchange
 from .index import TagEntry
-from .media_types import DOCKER_MANIFEST, INDEX_TYPES, SCHEMA1_TYPES
+from .links import RepositoryLinks
+from .media_types import DOCKER_MANIFEST, INDEX_TYPES, SCHEMA1_TYPES, STORED_MANIFEST_TYPES
 from .responses import API_VERSION, CACHE_HEADER, error_response, read_body, relay
 from .routes import Route
 from .upstream import UPSTREAM_ERRORS, Origin, describe
@@ -110,8 +112,9 @@ class KeyedLocks:
 
 
 class ManifestCache:
-    def __init__(self, ctx: CacheContext) -> None:
+    def __init__(self, ctx: CacheContext, links: RepositoryLinks) -> None:
         self._locks = KeyedLocks()
+        self.links = links
         self.config = ctx.config
         self.store = ctx.store
         self.index = ctx.index
@@ -122,7 +125,9 @@ class ManifestCache:
 
     # --- answers ------------------------------------------------------------------------
 
-    def _cached_body(self, digest: str) -> tuple[bytes, str] | None:
+    def _cached_body(self, digest: str) -> bytes | None:
+        """A stored manifest's bytes (its media type is each registry's own: the link's or
+        the tag answer's)."""
         entry = self.index.blob(digest)
         if entry is None or entry.media_type is None:
             return None
@@ -137,7 +142,7 @@ class ManifestCache:
         if len(body) != entry.size:
             return None
         self.index.touch(digest)
-        return body, entry.media_type
+        return body
 
     def _answer(
         self, request: web.BaseRequest, body: bytes, media_type: str, digest: str, ex: Exchange
@@ -158,12 +163,16 @@ class ManifestCache:
     async def _store(self, digest: str, body: bytes, media_type: str) -> bool:
         """Stores a manifest; False when the store cannot take it (the answer still goes out)."""
         known = self.index.blob(digest)
-        if (
-            known is not None
-            and (known.media_type, known.size) == (media_type, len(body))
-            and self.store.size(digest) == len(body)
-        ):
-            return True  # another tag or Accept variant names it: stored already
+        if known is not None and known.size == len(body) and self.store.size(digest) == len(body):
+            # Another tag, Accept variant or registry names it: stored already.
+            if known.media_type is not None:
+                return True
+            try:  # stored as a blob (asked for under /blobs/): now known as a manifest
+                self.index.add_blob(digest, len(body), media_type)
+            except sqlite3.Error as e:
+                self.on_store_error(e)
+                return False
+            return True
 
         def write() -> int:
             writer = self.store.begin_write(digest)
@@ -258,18 +267,45 @@ class ManifestCache:
     async def by_digest(
         self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
     ) -> web.StreamResponse:
-        cached = self._cached_body(route.reference)
-        if cached is None:
-            # Many clients asking at once for a manifest not yet cached: one goes upstream,
-            # the others find it stored when their turn comes. Every wait, for the turn
-            # and for upstream, ends at the deadline: a slow registry holds nobody longer.
-            deadline = self._deadline()
-            async with self._locks.hold(("digest", route.reference), deadline):
-                cached = self._cached_body(route.reference)
-                if cached is None:
-                    return await self._digest_from_upstream(request, origin, route, ex, deadline)
+        deadline = self._deadline()
+        served = await self._from_store(request, origin, route, ex, deadline)
+        if served is not None:
+            return served
+        # Many clients asking at once for a manifest not yet cached here: one goes upstream,
+        # the others find it stored when their turn comes. Every wait, for the turn and for
+        # upstream, ends at the deadline: a slow registry holds nobody longer.
+        async with self._locks.hold(("digest", origin.key, route.name, route.reference), deadline):
+            served = await self._from_store(request, origin, route, ex, deadline)
+            if served is not None:
+                return served
+            return await self._digest_from_upstream(request, origin, route, ex, deadline)
+
+    async def _from_store(
+        self,
+        request: web.BaseRequest,
+        origin: Origin,
+        route: Route,
+        ex: Exchange,
+        deadline: float,
+    ) -> web.Response | None:
+        """The stored manifest as this registry labels it, where this repository has it
+        (asked when it is stored for another); the registry's no as it gave it; None when
+        it must come from upstream."""
+        body = self._cached_body(route.reference)
+        if body is None:
+            return None
+        link = self.links.get(origin, route.name, route.reference)
+        if link is None or link.media_type is None:
+            answer = await self.links.confirm(origin, route, request.headers, ex.share, deadline)
+            if isinstance(answer, AccessRefused):
+                ex.result = "DENIED" if answer.status in (401, 403) or answer.message else "PASS"
+                ex.note = answer.message or f"{origin.netloc} does not confirm it ({answer.status})"
+                return answer.response(origin, route)
+            link = answer
+        if link is None or link.media_type is None:
+            return None  # the registry has it, labelled as no manifest: see what it sends
         ex.result = "HIT"
-        return self._answer(request, *cached, route.reference, ex)
+        return self._answer(request, body, link.media_type, route.reference, ex)
 
     async def _digest_from_upstream(
         self,
@@ -295,8 +331,25 @@ class ManifestCache:
                 return self._invalid(origin, e, ex)
         finally:
             upstream.release()
-        await self._store(digest, body, media_type)
+        await self._keep(origin, route.name, digest, body, media_type, ex)
         return self._answer(request, body, media_type, digest, ex)
+
+    async def _keep(
+        self, origin: Origin, name: str, digest: str, body: bytes, media_type: str, ex: Exchange
+    ) -> bool:
+        """Stores a manifest fetched from name at origin and links it there; a body
+        labelled as no manifest goes to its own client only (False)."""
+        if media_type not in STORED_MANIFEST_TYPES:
+            ex.note = f"not stored: {media_type[:60]} is not a manifest type"
+            return False
+        if not await self._store(digest, body, media_type):
+            return False
+        try:
+            self.links.add(origin, name, digest, media_type)
+        except sqlite3.Error as e:
+            self.on_store_error(e)
+            return False
+        return True
 
     # --- by tag -------------------------------------------------------------------------
 
@@ -339,7 +392,7 @@ class ManifestCache:
         if cached is None:
             return None
         ex.result = "HIT"
-        return self._answer(request, *cached, entry.digest, ex)
+        return self._answer(request, cached, entry.media_type, entry.digest, ex)
 
     async def _tag_from_upstream(
         self,
@@ -362,7 +415,7 @@ class ManifestCache:
             if revalidated is not None:
                 if ex.result == "HIT":  # a STALE answer must not restart the clock
                     self.index.set_tag(*key, entry.digest, entry.media_type)
-                return self._answer(request, *cached, entry.digest, ex)
+                return self._answer(request, cached, entry.media_type, entry.digest, ex)
 
         ex.result = "MISS"
         try:
@@ -394,7 +447,7 @@ class ManifestCache:
                 raise
         finally:
             upstream.release()
-        if await self._store(digest, body, media_type):
+        if await self._keep(origin, route.name, digest, body, media_type, ex):
             self.index.set_tag(*key, digest, media_type)
         return self._answer(request, body, media_type, digest, ex)
 
@@ -462,11 +515,11 @@ class ManifestCache:
         request: web.BaseRequest,
         origin: Origin,
         entry: TagEntry,
-        cached: tuple[bytes, str],
+        cached: bytes,
         cause: object,
         ex: Exchange,
     ) -> web.Response:
         self.metrics.upstream_errors.inc()
         why = describe(cause) if isinstance(cause, BaseException) else str(cause)
         ex.result, ex.note = "STALE", f"upstream {origin.netloc} failed: {why}"
-        return self._answer(request, *cached, entry.digest, ex)
+        return self._answer(request, cached, entry.media_type, entry.digest, ex)

@@ -21,3 +21,9 @@ SCHEMA1_TYPES = frozenset(
         "application/vnd.docker.distribution.manifest.v1+prettyjws",
     }
 )
+# What a manifest answer may be labelled to be stored and replayed: the types above, and
+# OCI's short-lived artifact manifest. Anything else (text/html, application/json) goes
+# to its own client as it came, and is never stored nor served to another.
+STORED_MANIFEST_TYPES = frozenset(
+    {*MANIFEST_TYPES, *SCHEMA1_TYPES, "application/vnd.oci.artifact.manifest.v1+json"}
+)

@@ -23,12 +23,13 @@ import aiohttp
 from aiohttp import web
 
 from .blobs import BlobReader, BlobWriter, DigestMismatch
-from .client_access import ClientAccess
+from .client_access import AccessRefused, ClientAccess
 from .config import ProxyUser
 from .content_coding import ContentCodingError, Decoder, codings, decoder_for
 from .context import CacheContext
 from .exchange import Exchange
 from .inflight import BlobFetch, FetchFailed, InflightFetches, StoreUnavailable
+from .links import RepositoryLinks
 from .manifests import ManifestCache
 from .proxy_auth import may_access, token_scopes_allowed
 from .responses import (
@@ -70,7 +71,8 @@ class RegistryProxy:
         self.metrics = ctx.metrics
         self.executor = ctx.executor
         self.inflight = InflightFetches(on_change=ctx.metrics.inflight.set)
-        self.manifests = ManifestCache(ctx)
+        self.links = RepositoryLinks(ctx.index, ctx.upstream)
+        self.manifests = ManifestCache(ctx, self.links)
         self.access = (
             ClientAccess(ctx.upstream, ctx.metrics) if ctx.config.verify_client_access else None
         )
@@ -280,6 +282,9 @@ class RegistryProxy:
         self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
     ) -> web.StreamResponse:
         digest = route.reference
+        refused = await self._unlinked(request, origin, route, ex)
+        if refused is not None:
+            return refused
         size = self.store.size(digest)
         if size is not None:
             try:
@@ -301,6 +306,7 @@ class RegistryProxy:
         while True:
             fetch, mine = self.inflight.claim(digest)
             if mine:
+                fetch.source = (origin.key, route.name)
                 self.spawn(self._fetch_blob(fetch, origin, route.name, request.headers, ex))
             started = await asyncio.shield(fetch.started)
             if started:
@@ -318,6 +324,25 @@ class RegistryProxy:
                 )
             # Upstream refused someone else's request (their token, say): ask with ours.
         return await self._send_inflight(request, origin, route.name, fetch, ex)
+
+    async def _unlinked(
+        self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
+    ) -> web.Response | None:
+        """The registry's no when the cache holds (or is fetching) route's blob for another
+        registry or repository and this one does not have it; None when it may be served."""
+        digest = route.reference
+        if self.links.get(origin, route.name, digest) is not None:
+            return None
+        fetch = self.inflight.get(digest)
+        held = self.store.size(digest) is not None or (fetch is not None and fetch.verified)
+        if not held and (fetch is None or fetch.source == (origin.key, route.name)):
+            return None  # fetched from this very repository (and linked once stored)
+        answer = await self.links.confirm(origin, route, request.headers, ex.share)
+        if not isinstance(answer, AccessRefused):
+            return None
+        ex.result = "DENIED" if answer.status in (401, 403) or answer.message else "PASS"
+        ex.note = answer.message or f"{origin.netloc} does not confirm it ({answer.status})"
+        return answer.response(origin, route)
 
     def _requested_range(
         self, request: web.BaseRequest, size: int, ex: Exchange
@@ -609,6 +634,8 @@ class RegistryProxy:
             return
         try:
             self.index.add_blob(fetch.digest, size)
+            if fetch.source is not None:
+                self.index.add_link(*fetch.source, fetch.digest)
         except sqlite3.Error as e:
             # A file the index does not know would be served but never counted toward
             # max_size nor evicted: it goes again, and the store and the index agree.

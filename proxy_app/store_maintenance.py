@@ -59,6 +59,28 @@ def sniff_manifest_type(store: FilesystemBlobStore, digest: str, size: int) -> s
     return None
 
 
+def _named_by(store: FilesystemBlobStore, digest: str) -> list[tuple[str, str | None]]:
+    """What a stored manifest names: (digest, media type for a manifest, else None)."""
+    size = store.size(digest)
+    if size is None or size > MANIFEST_SNIFF_LIMIT:
+        return []
+    try:
+        document = json.loads(store.path(digest).read_bytes())
+    except (ValueError, OSError):
+        return []
+    if not isinstance(document, dict):
+        return []
+    named: list[tuple[str, str | None]] = []
+    for entry in document.get("manifests") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("digest"), str):
+            media_type = entry.get("mediaType")
+            named.append((entry["digest"], media_type if isinstance(media_type, str) else None))
+    for entry in [document.get("config"), *(document.get("layers") or [])]:
+        if isinstance(entry, dict) and isinstance(entry.get("digest"), str):
+            named.append((entry["digest"], None))
+    return named
+
+
 class StoreMaintenance:
     def __init__(
         self, config: Config, store: FilesystemBlobStore, index: Index, metrics: Metrics
@@ -92,6 +114,8 @@ class StoreMaintenance:
                 self.store.delete(digest)
                 deleted += 1
         self.index.add_blobs(adopted)
+        if self.index.needs_links:
+            self.link_tagged_content()
         self.size = self.index.total_size()
         self._publish()
         log.info(
@@ -107,6 +131,31 @@ class StoreMaintenance:
             " (index rebuilt)" if index_rebuilt else "",
         )
         self.make_room(0)
+
+    def link_tagged_content(self) -> None:
+        """Migrates a cache made before links existed: each tag answer links its manifest
+        to the tag's registry and repository, and, read from the store, what the manifest
+        names (an index's manifests, an image's config and layers), which the registry
+        holds in that repository since it accepted the manifest there. Everything else is
+        confirmed with the registry on first use, like content another repository put in
+        the store."""
+        links: dict[tuple[str, str, str], str | None] = {}
+
+        def link(host: str, name: str, digest: str, media_type: str | None, depth: int) -> None:
+            key = (host, name, digest)
+            if key in links and (links[key] is not None or media_type is None):
+                return
+            links[key] = media_type
+            if media_type is None or depth > 1:
+                return
+            for child, child_type in _named_by(self.store, digest):
+                link(host, name, child, child_type, depth + 1)
+
+        for host, name, digest, media_type in self.index.all_tags():
+            link(host, name, digest, media_type, 0)
+        self.index.add_links([(*key, media_type) for key, media_type in links.items()])
+        self.index.set_schema_version()
+        log.info("links rebuilt from the tag answers of an older cache: %d", len(links))
 
     # --- a store that cannot take writes (disk full, I/O errors) -------------------------
 

@@ -83,6 +83,12 @@ class Origin:
         default = 443 if self.scheme == "https" else 80
         return host if self.port == default else f"{host}:{self.port}"
 
+    @property
+    def key(self) -> str:
+        """The registry as the index names it: plain HTTP apart from HTTPS on the same
+        host, which another party on the path could answer for."""
+        return self.netloc if self.scheme == "https" else f"http://{self.netloc}"
+
     def url(self, path_and_query: str) -> URL:
         return URL(f"{self.scheme}://{self.netloc}{path_and_query}", encoded=True)
 

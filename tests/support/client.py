@@ -127,9 +127,16 @@ class Tunnel:
     """A CONNECT tunnel through the proxy with TLS to ``host`` inside."""
 
     def __init__(
-        self, proxy_port: int, host: str, port: int, proxy_ca: str, source: str | None = None
+        self,
+        proxy_port: int,
+        host: str,
+        port: int,
+        proxy_ca: str,
+        source: str | None = None,
+        proxy_headers: dict[str, str] | None = None,
     ) -> None:
         self.source = source  # the client's own address (127.0.0.2: another client)
+        self.proxy_headers = proxy_headers or {}  # on the CONNECT (Proxy-Authorization)
         self.proxy_port = proxy_port
         self.host = host
         self.port = port
@@ -144,7 +151,8 @@ class Tunnel:
             local_addr=(self.source, 0) if self.source else None,
         )
         target = f"{self.host}:{self.port}"
-        writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        extra = "".join(f"{k}: {v}\r\n" for k, v in self.proxy_headers.items())
+        writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{extra}\r\n".encode())
         await writer.drain()
         status, reason, _ = await _read_head(reader)
         if status != 200:
@@ -192,8 +200,10 @@ async def afetch(
     timeout: float = 60,
     keep_body: bool = True,
     source: str | None = None,
+    proxy_headers: dict[str, str] | None = None,
 ) -> Response:
-    async with asyncio.timeout(timeout), Tunnel(proxy_port, host, port, proxy_ca, source) as t:
+    tunnel = Tunnel(proxy_port, host, port, proxy_ca, source, proxy_headers)
+    async with asyncio.timeout(timeout), tunnel as t:
         return await t.request(method, path, headers, body, keep_body=keep_body)
 
 
@@ -207,10 +217,22 @@ def fetch(
     headers: dict[str, str] | None = None,
     body: bytes = b"",
     timeout: float = 60,
+    proxy_headers: dict[str, str] | None = None,
 ) -> Response:
     """One request in its own tunnel (sync)."""
     return asyncio.run(
-        afetch(proxy_port, proxy_ca, host, port, method, path, headers, body, timeout)
+        afetch(
+            proxy_port,
+            proxy_ca,
+            host,
+            port,
+            method,
+            path,
+            headers,
+            body,
+            timeout,
+            proxy_headers=proxy_headers,
+        )
     )
 
 

@@ -220,6 +220,7 @@ class Front(AppServer):
       ``Content-Encoding`` it is sent with, whatever the client accepts.
     - ``stall``: requests whose path contains it get no answer for ``stall_seconds``.
     - ``trickle``: GETs whose path contains it get their body one byte a second.
+    - ``manifest_type``: manifests are answered with this Content-Type (text/html, say).
     """
 
     def __init__(
@@ -237,6 +238,7 @@ class Front(AppServer):
         stall: str | None = None,
         stall_seconds: float = 20,
         trickle: str | None = None,
+        manifest_type: str | None = None,
     ) -> None:
         super().__init__(aio, hostname, cert)
         self.backend = backend
@@ -246,6 +248,7 @@ class Front(AppServer):
         self.redirect_blobs_to = redirect_blobs_to
         self.recode_blobs = recode_blobs
         self.stall, self.stall_seconds, self.trickle = stall, stall_seconds, trickle
+        self.manifest_type = manifest_type
         self.in_flight = 0  # requests being answered now
         self._session: aiohttp.ClientSession | None = None
 
@@ -309,6 +312,8 @@ class Front(AppServer):
             out_headers = CIMultiDict(
                 (k, v) for k, v in up.headers.items() if k.lower() not in HOP_BY_HOP
             )
+            if self.manifest_type and "/manifests/" in path and up.ok:
+                out_headers["Content-Type"] = self.manifest_type
             recode = self.recode_blobs
             if recode and request.method == "GET" and "/blobs/sha256:" in path and up.ok:
                 coded, coding = recode(await up.read())
