@@ -23,7 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from aiohttp import web
+
 from .client_access import AccessRefused, ask, question_for
+from .exchange import Exchange
 from .index import Index, Link
 from .media_types import STORED_MANIFEST_TYPES
 from .routes import Route, RouteKind
@@ -78,3 +81,10 @@ class RepositoryLinks:
                 return None
         self.add(origin, route.name, route.reference, media_type)
         return Link(media_type)
+
+
+def refusal(answer: AccessRefused, origin: Origin, route: Route, ex: Exchange) -> web.Response:
+    """The registry's no to a confirmation, for the client and the access log."""
+    ex.result = "DENIED" if answer.status in (401, 403) or answer.message else "PASS"
+    ex.note = answer.message or f"{origin.netloc} does not confirm it ({answer.status})"
+    return answer.response(origin, route)

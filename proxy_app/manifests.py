@@ -26,7 +26,7 @@ from .content_coding import ContentCodingError, decode_body
 from .context import CacheContext
 from .exchange import Exchange
 from .index import TagEntry
-from .links import RepositoryLinks
+from .links import RepositoryLinks, refusal
 from .media_types import DOCKER_MANIFEST, INDEX_TYPES, SCHEMA1_TYPES, STORED_MANIFEST_TYPES
 from .responses import API_VERSION, CACHE_HEADER, error_response, read_body, relay
 from .routes import Route
@@ -236,11 +236,16 @@ class ManifestCache:
         return asyncio.get_running_loop().time() + self.config.upstream_timeout
 
     async def _get(
-        self, request: web.BaseRequest, origin: Origin, ex: Exchange, deadline: float
+        self,
+        request: web.BaseRequest,
+        origin: Origin,
+        ex: Exchange,
+        deadline: float,
+        method: str = "GET",
     ) -> aiohttp.ClientResponse:
         """The manifest as the registry has it (exact bytes), its head before `deadline`."""
         return await self.upstream.request(
-            "GET",
+            method,
             origin,
             ex.path,
             request.headers,
@@ -298,9 +303,7 @@ class ManifestCache:
         if link is None or link.media_type is None:
             answer = await self.links.confirm(origin, route, request.headers, ex.share, deadline)
             if isinstance(answer, AccessRefused):
-                ex.result = "DENIED" if answer.status in (401, 403) or answer.message else "PASS"
-                ex.note = answer.message or f"{origin.netloc} does not confirm it ({answer.status})"
-                return answer.response(origin, route)
+                return refusal(answer, origin, route, ex)
             link = answer
         if link is None or link.media_type is None:
             return None  # the registry has it, labelled as no manifest: see what it sends
@@ -481,16 +484,7 @@ class ManifestCache:
         """True when upstream still names the cached digest (or is down and the cached
         answer may be served stale); None when the tag must be fetched anew."""
         try:
-            head = await self.upstream.request(
-                "HEAD",
-                origin,
-                ex.path,
-                request.headers,
-                follow_redirects=True,
-                exact=True,
-                share=ex.share,
-                deadline=deadline,
-            )
+            head = await self._get(request, origin, ex, deadline, "HEAD")
         except UPSTREAM_ERRORS as e:
             self.metrics.upstream_errors.inc()
             if stale_ok:

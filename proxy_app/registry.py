@@ -29,7 +29,7 @@ from .content_coding import ContentCodingError, Decoder, codings, decoder_for
 from .context import CacheContext
 from .exchange import Exchange
 from .inflight import BlobFetch, FetchFailed, InflightFetches, StoreUnavailable
-from .links import RepositoryLinks
+from .links import RepositoryLinks, refusal
 from .manifests import ManifestCache
 from .proxy_auth import may_access, token_scopes_allowed
 from .responses import (
@@ -340,9 +340,7 @@ class RegistryProxy:
         answer = await self.links.confirm(origin, route, request.headers, ex.share)
         if not isinstance(answer, AccessRefused):
             return None
-        ex.result = "DENIED" if answer.status in (401, 403) or answer.message else "PASS"
-        ex.note = answer.message or f"{origin.netloc} does not confirm it ({answer.status})"
-        return answer.response(origin, route)
+        return refusal(answer, origin, route, ex)
 
     def _requested_range(
         self, request: web.BaseRequest, size: int, ex: Exchange

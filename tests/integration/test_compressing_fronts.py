@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support.client import fetch
 from support.durability import (
     OCI_INDEX,
     MultiPlatformImage,
@@ -117,18 +116,9 @@ def test_a_client_asking_for_gzip_gets_the_manifest_uncoded_with_its_length(
     fronts: GzipFronts, multi: MultiPlatformImage, proxy_factory: Callable[..., Proxy]
 ) -> None:
     proxy = proxy_factory()
-    host, port = fronts.forced.split(":")
     accept = {"Accept": OCI_INDEX, "Accept-Encoding": "gzip"}
     for result in ("MISS", "HIT"):
-        res = fetch(
-            proxy.port,
-            str(proxy.ca_path),
-            host,
-            int(port),
-            "GET",
-            f"/v2/{REPO}/manifests/1",
-            accept,
-        )
+        res = proxy.get(fronts.forced, f"/v2/{REPO}/manifests/1", accept)
         assert res.status == 200, res.body[:300]
         assert res.cache == result
         assert "content-encoding" not in res.headers
@@ -142,32 +132,14 @@ def test_relayed_answers_keep_their_coding(
     fronts: GzipFronts, multi: MultiPlatformImage, proxy_factory: Callable[..., Proxy]
 ) -> None:
     proxy = proxy_factory()
-    host, port = fronts.polite.split(":")
-    res = fetch(
-        proxy.port,
-        str(proxy.ca_path),
-        host,
-        int(port),
-        "GET",
-        f"/v2/{REPO}/tags/list",
-        {"Accept-Encoding": "gzip"},
-    )
+    res = proxy.get(fronts.polite, f"/v2/{REPO}/tags/list", {"Accept-Encoding": "gzip"})
     assert res.status == 200
     assert res.cache == "PASS"
     assert res.headers.get("content-encoding") == "gzip"
     assert json.loads(gzip.decompress(res.body))["tags"] == ["1"]
     # An error answer to a manifest request (asked for as identity, coded anyway by the
     # forced front) is relayed as the registry gave it, coding and all.
-    host, port = fronts.forced.split(":")
-    missing = fetch(
-        proxy.port,
-        str(proxy.ca_path),
-        host,
-        int(port),
-        "GET",
-        f"/v2/{REPO}/manifests/nope",
-        {"Accept-Encoding": "gzip"},
-    )
+    missing = proxy.get(fronts.forced, f"/v2/{REPO}/manifests/nope", {"Accept-Encoding": "gzip"})
     assert missing.status == 404
     assert missing.headers.get("content-encoding") == "gzip"
     assert "MANIFEST_UNKNOWN" in gzip.decompress(missing.body).decode()
@@ -237,15 +209,7 @@ def test_a_cdn_that_codes_the_config_blob(
         assert any(d in ln for d in amd64.blob_digests for ln in refused), proxy.output()[-3000:]
         # A client asking again gets the message naming the blob and the coding, or, where
         # the coding broke only after the answer had begun, a cut connection: never a blob.
-        host, port = cdn.netloc.split(":")
-        again = fetch(
-            proxy.port,
-            str(proxy.ca_path),
-            host,
-            int(port),
-            "GET",
-            f"/v2/{REPO}/blobs/{amd64.config_digest}",
-        )
+        again = proxy.get(cdn.netloc, f"/v2/{REPO}/blobs/{amd64.config_digest}")
         if again.status == 502:
             assert amd64.config_digest in again.text() and refusal in again.text(), again.text()
         else:

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import pytest
 from security.secsupport import hash_password, pull_args, skopeo_via
-from support.client import Response, basic, fetch
+from support.client import Response
 from support.durability import wait_stored
 from support.images import Image, pull, push
 from support.proxy import Proxy
@@ -31,18 +31,7 @@ ACCEPT = {"Accept": OCI_MANIFEST}
 
 
 def get(proxy: Proxy, netloc: str, path: str, user: tuple[str, str] | None = None) -> Response:
-    host, port = netloc.split(":")
-    proxy_headers = {"Proxy-Authorization": basic(*user)} if user else None
-    return fetch(
-        proxy.port,
-        str(proxy.ca_path),
-        host,
-        int(port),
-        "GET",
-        path,
-        ACCEPT,
-        proxy_headers=proxy_headers,
-    )
+    return proxy.get(netloc, path, ACCEPT, user)
 
 
 def kind(image: Image, digest: str) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .client import Response, basic, fetch
 from .net import free_port, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -115,6 +116,28 @@ class Proxy:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def get(
+        self,
+        netloc: str,
+        path: str,
+        headers: dict[str, str] | None = None,
+        user: tuple[str, str] | None = None,
+    ) -> Response:
+        """One GET of https://netloc/path through the proxy, in a tunnel of its own
+        (as proxy user `user` when given)."""
+        host, port = netloc.rsplit(":", 1)
+        proxy_headers = {"Proxy-Authorization": basic(*user)} if user else None
+        return fetch(
+            self.port,
+            str(self.ca_path),
+            host,
+            int(port),
+            "GET",
+            path,
+            headers,
+            proxy_headers=proxy_headers,
+        )
 
     # -- what it says about itself -------------------------------------------------
     def log_lines(self, needle: str = "") -> list[str]:

@@ -128,12 +128,17 @@ def ipv4(host: Host) -> str:
     return ok(host, "ip -4 -o addr show dev eth0").split()[3].split("/")[0]
 
 
-def upstream_digest(upstream: Host, repo: str, tag: str) -> str:
+def upstream_digest(
+    upstream: Host,
+    repo: str,
+    tag: str,
+    accept: str = "application/vnd.docker.distribution.manifest.v2+json",
+) -> str:
     """The manifest digest the registry itself holds for repo:tag (asked on loopback)."""
     headers = ok(
         upstream,
         "curl -fsSI -H %s http://127.0.0.1:5000/v2/%s/manifests/%s",
-        "Accept: application/vnd.docker.distribution.manifest.v2+json",
+        f"Accept: {accept}",
         repo,
         tag,
     )

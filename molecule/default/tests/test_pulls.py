@@ -4,6 +4,7 @@ cache's credentials for a private repository; pushes are refused. In this order.
 from __future__ import annotations
 
 from conftest import (
+    CACHE_DIR,
     CLIENTS,
     PUSH_REFUSED,
     REGISTRY,
@@ -18,6 +19,8 @@ from conftest import (
 )
 from testinfra.host import Host
 
+MULTI = "public/multi"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 PUBLIC = "public/app"
 PRIVATE = "private/app"
 TAG = "1"
@@ -58,6 +61,20 @@ def test_same_pull_on_client2_is_served_from_the_cache(
     assert len(blob_requests(upstream, PUBLIC)) == upstream_blobs_before, (
         "blobs fetched upstream again"
     )
+
+
+def test_multiarch_pull_through_a_front_that_gzips(
+    cache: Host, upstream: Host, client1: Host, client2: Host
+) -> None:
+    """The registry's nginx gzips every answer for clients that accept gzip, as Docker
+    does: the cache asks for the exact bytes, and stores the registry's own index."""
+    index = upstream_digest(upstream, MULTI, TAG, OCI_INDEX)
+    for client in (client1, client2):
+        ok(client, "docker pull %s/%s:%s", REGISTRY, MULTI, TAG)
+        assert pulled_digest(client, MULTI) == index
+    hexd = index.split(":", 1)[1]
+    stored = ok(cache, "sha256sum %s/blobs/sha256/%s/%s", CACHE_DIR, hexd[:2], hexd)
+    assert stored.split()[0] == hexd
 
 
 def test_private_pull_with_the_cache_credentials(
