@@ -96,6 +96,8 @@ class Config:
     head_timeout: float = 30.0
     # Longest wait for an upstream answer's head, and for a whole manifest or tag check.
     upstream_timeout: float = 60.0
+    # The upstream of mirror requests that name no registry (Docker's registry-mirrors).
+    mirror_default_registry: str = "docker.io"
     # True when `listen` was not configured: a missing IPv6 stack then is not an error.
     listen_is_default: bool = True
 
@@ -115,6 +117,16 @@ def parse_size(value: Any) -> int:
     if not m:
         raise ConfigError(f"{value!r} is not a size; use a number with k, m, g or t (e.g. 32g)")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_mirror_registry(value: Any) -> str:
+    from .mirror import MirrorRequestInvalid, parse_registry
+
+    try:
+        parse_registry(str(value))
+    except MirrorRequestInvalid as e:
+        raise ConfigError(str(e)) from e
+    return str(value)
 
 
 def parse_positive_duration(value: Any) -> float:
@@ -347,6 +359,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "ca_name_constraints": lambda v: parse_dns_names(v),
     "head_timeout": parse_duration,
     "upstream_timeout": lambda v: parse_positive_duration(v),
+    "mirror_default_registry": lambda v: parse_mirror_registry(v),
 }
 
 # Keys whose environment value is YAML rather than a plain string (lists of mappings).

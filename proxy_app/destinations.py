@@ -33,6 +33,13 @@ WILDCARDS = frozenset({"*", "*:*"})
 NO_SUCH_NAME = frozenset({socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)})
 
 
+def valid_host_name(host: str) -> bool:
+    """A DNS name the resolver can take: labels of 1-63 characters, 253 in all (an empty
+    or overlong label makes getaddrinfo raise UnicodeError, not OSError)."""
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 253 and all(0 < len(label) <= 63 for label in name.split("."))
+
+
 class DestinationRefused(OSError):
     pass
 

@@ -31,6 +31,7 @@ class Exchange:
     response: web.StreamResponse | None = None
     # The client's shares of upstream connections this request holds (released at its end).
     share: RequestShare | None = None
+    door: str = "connect"  # how the client came: CONNECT (or absolute-form) or the mirror
 
     def prepared(self, response: web.StreamResponse) -> None:
         self.response = response
@@ -53,13 +54,14 @@ class Exchange:
                         "kind": self.kind,
                         "bytes": self.sent,
                         "seconds": round(elapsed, 4),
+                        "door": self.door,
                         **({"note": self.note} if self.note else {}),
                     }
                 )
             )
         else:
             access_log.info(
-                "%s %s %s %s%s %d %s %d %.3fs%s",
+                "%s %s %s %s%s %d %s %d %.3fs %s%s",
                 self.client,
                 self.user or "-",
                 self.method,
@@ -69,5 +71,6 @@ class Exchange:
                 self.result,
                 self.sent,
                 elapsed,
+                self.door,
                 f" ({self.note})" if self.note else "",
             )

@@ -15,8 +15,9 @@ class Metrics:
         self.requests = Counter(
             "registry_cache_requests",
             "Requests answered, by kind (blob, manifest, tag, other, push, connect, tunnel)"
-            " and result (hit, miss, stale, pass, denied)",
-            ["kind", "result"],
+            " and result (hit, miss, stale, pass, denied), and the front door the client"
+            " came by (connect, mirror)",
+            ["kind", "result", "door"],
             registry=r,
         )
         self.bytes = Counter(

@@ -45,7 +45,7 @@ from .responses import (
 )
 from .routes import PUSH_METHODS, BadRoute, Route, RouteKind, parse_route
 from .store_maintenance import STORE_ERRORS, StoreError
-from .upstream import UPSTREAM_ERRORS, Origin, describe
+from .upstream import UPSTREAM_ERRORS, Origin, UpstreamRefused, describe
 from .upstream_share import UpstreamShares
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,11 @@ class RegistryProxy:
         except BadRoute as e:
             ex.result = "PASS"
             response = error_response(400, e.code, e.message)
+        except UpstreamRefused as e:
+            ex.result, ex.note = "DENIED", e.message
+            response = self._cut(request, ex) or error_response(
+                e.status, e.code, e.message, ex.result
+            )
         except (FetchFailed, *UPSTREAM_ERRORS) as e:
             ex.note = describe(e)
             status = 502
@@ -130,7 +135,7 @@ class RegistryProxy:
             share.release()
         response.headers.setdefault(CACHE_HEADER, ex.result)
         ex.status = response.status
-        self.metrics.requests.labels(ex.kind, ex.result.lower()).inc()
+        self.metrics.requests.labels(ex.kind, ex.result.lower(), ex.door).inc()
         if ex.kind in ("blob", "manifest", "tag") and ex.result in ("HIT", "MISS", "STALE"):
             key = {"HIT": "hits", "MISS": "misses", "STALE": "stales"}[ex.result]
             self.pending_stats[key] = self.pending_stats.get(key, 0) + 1
@@ -530,6 +535,13 @@ class RegistryProxy:
             except UPSTREAM_ERRORS as e:
                 self.metrics.upstream_errors.inc()
                 fetch.fail(f"upstream {origin.netloc} cannot be reached: {describe(e)}")
+                return
+            except UpstreamRefused as e:
+                answer = error_response(e.status, e.code, e.message, "DENIED")
+                assert isinstance(answer.body, bytes)
+                fetch.refusal = Refusal(e.status, answer.headers, answer.body)
+                self.inflight.release(fetch)
+                fetch.refuse()
                 return
             if upstream.status != 200:
                 body = (await read_body(upstream, 64 << 10))[: 64 << 10]

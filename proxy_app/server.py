@@ -27,9 +27,10 @@ from yarl import URL
 from . import __version__
 from .ca import CertificateAuthority, trust_bundle
 from .config import Config, ProxyUser
-from .destinations import DestinationPolicy, DestinationRefused, host_matches
+from .destinations import DestinationPolicy, DestinationRefused, host_matches, valid_host_name
 from .exchange import Exchange
 from .metrics import CONTENT_TYPE, Metrics
+from .mirror import MirrorDoor, is_mirror_path
 from .proxy_auth import ProxyAuthenticator
 from .registry import RegistryProxy
 from .responses import CACHE_HEADER
@@ -379,13 +380,6 @@ def _client_address(client: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addres
     return address
 
 
-def valid_host_name(host: str) -> bool:
-    """A DNS name the resolver can take: labels of 1-63 characters, 253 in all (an empty
-    or overlong label makes getaddrinfo raise UnicodeError, not OSError)."""
-    name = host[:-1] if host.endswith(".") else host
-    return 0 < len(name) <= 253 and all(0 < len(label) <= 63 for label in name.split("."))
-
-
 def refused_client(client: str) -> str:
     """Logs a client outside allowed_clients; the answer it gets."""
     log.warning("refused client %s: not in allowed_clients", client)
@@ -413,6 +407,7 @@ class ProxyServer:
         self.health = health
         self.auth = ProxyAuthenticator(config.users)
         self.destinations = DestinationPolicy(config)
+        self.mirror = MirrorDoor(self)
         self._servers: list[asyncio.Server] = []
         self._plain: TrackedServer | None = None
         self.slots = ConnectionSlots(config.max_connections_per_client, metrics)
@@ -521,7 +516,7 @@ class ProxyServer:
 
         def refuse(status: int, message: str, extra: str = "") -> bool:
             log.info("CONNECT from %s refused (%d): %s", client, status, message)
-            self.metrics.requests.labels("connect", "denied").inc()
+            self.metrics.requests.labels("connect", "denied", "connect").inc()
             transport.write(_raw_response(status, message, extra))
             transport.close()
             return False
@@ -584,7 +579,7 @@ class ProxyServer:
                 upstream.write(rest)
             transport.set_protocol(_Pipe(upstream, slot))
             transport.resume_reading()
-            self.metrics.requests.labels("tunnel", "pass").inc()
+            self.metrics.requests.labels("tunnel", "pass", "connect").inc()
             log.info("%s tunnel %s:%d", client, host, port)
             return True
         if rest:
@@ -642,6 +637,8 @@ class ProxyServer:
     async def _handle_plain(self, request: web.BaseRequest) -> web.StreamResponse:
         client = request.remote or "-"
         target = request.raw_path
+        if is_mirror_path(target):
+            return await self.mirror.handle(request)
         if target.startswith("/"):
             return await self._own_page(request)
         if not self.client_allowed(client):

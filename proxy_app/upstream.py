@@ -23,8 +23,16 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .config import Config, Credentials
-from .content_coding import EXACT_BYTES
+from .content_coding import EXACT_BYTES, ContentCodingError, decode_body
 from .destinations import DestinationPolicy, GuardedResolver
+from .tokens import (
+    MAX_TOKEN_RESPONSE,
+    Challenge,
+    TokenCache,
+    TokenUnavailable,
+    parse_bearer,
+    read_token,
+)
 from .upstream_share import LIMIT_PER_HOST, RequestShare
 
 log = logging.getLogger(__name__)
@@ -69,6 +77,22 @@ def basic_auth(username: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
+class UpstreamRefused(Exception):
+    """A mirror request the registry refused to the cache's own credentials (or to none):
+    answered to the client with `status` and `code`, never with a challenge it cannot
+    answer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _domain(host: str) -> str:
+    """The last two labels of a name (docker.io for auth.docker.io): whom a registry's
+    credentials may be shown to when its token realm is another host."""
+    return ".".join(host.lower().rstrip(".").split(".")[-2:])
+
+
 @dataclass(frozen=True)
 class Origin:
     """Where a client's request is really going: scheme, host and port of a registry."""
@@ -76,6 +100,10 @@ class Origin:
     scheme: str
     host: str
     port: int
+    # Asked for through the mirror front door: the client has no credentials of its own
+    # upstream, so the cache answers Bearer challenges itself (tokens.py), and a 401 it
+    # cannot answer becomes a registry-style refusal (UpstreamRefused), never a challenge.
+    mirror: bool = False
 
     @property
     def netloc(self) -> str:
@@ -115,6 +143,7 @@ class Upstream:
         self._ssl = ctx
         self._policy = DestinationPolicy(config)
         self._session: aiohttp.ClientSession | None = None
+        self.tokens = TokenCache(self._fetch_token)
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -190,7 +219,7 @@ class Upstream:
         if deadline is not None:
             until = deadline if until is None else min(until, deadline)
         async with asyncio.timeout_at(until):
-            return await self._send(
+            response = await self._send(
                 method,
                 origin,
                 path_and_query,
@@ -200,6 +229,85 @@ class Upstream:
                 cache_credentials,
                 exact,
             )
+            if not (origin.mirror and response.status == 401):
+                return response
+            # A mirror client cannot answer the registry's challenge: the cache does.
+            challenge = parse_bearer(response.headers.get("WWW-Authenticate", ""))
+            response.release()
+            if challenge is None or data is not None:
+                raise self._refused(origin, path_and_query, None)
+            credential = self._realm_credential(origin, challenge)
+            headers = CIMultiDict(client_headers)
+            headers.popall("Authorization", None)
+            for _ in range(2):
+                try:
+                    token = await self.tokens.token(challenge, credential)
+                except TokenUnavailable as e:
+                    raise self._refused(origin, path_and_query, f"no token: {e}") from e
+                headers["Authorization"] = f"Bearer {token}"
+                response = await self._send(
+                    method, origin, path_and_query, headers, None, follow_redirects, False, exact
+                )
+                if response.status != 401:
+                    return response
+                response.release()
+                self.tokens.forget(challenge, credential)  # revoked or expired early
+            raise self._refused(origin, path_and_query, "the registry refused its token")
+
+    def _realm_credential(self, origin: Origin, challenge: Challenge) -> str:
+        """Basic credentials for the token realm: those of the realm's host, else the
+        registry's, and only when the realm is in the registry's own domain (a registry
+        naming another's realm must not get a token made with that one's credentials)."""
+        realm = URL(challenge.realm)
+        realm_host = (realm.host or "").lower()
+        if _domain(realm_host) != _domain(origin.host) or realm.scheme != "https":
+            return ""
+        realm_port = realm.port or 443
+        creds = (
+            self._credentials.get(f"{realm_host}:{realm_port}")
+            or self._credentials.get(realm_host)
+            or self.credentials_for(origin)
+        )
+        return basic_auth(creds.username, creds.password) if creds else ""
+
+    def _refused(self, origin: Origin, path: str, why: str | None) -> UpstreamRefused:
+        name = path.split("?", 1)[0].removeprefix("/v2/")
+        name = re.split(r"/(?:manifests|blobs|tags)/", name, maxsplit=1)[0][:200]
+        if self.credentials_for(origin) is None and why is None:
+            return UpstreamRefused(
+                404,
+                "NAME_UNKNOWN",
+                f"{origin.netloc} refused {name} to the registry cache, which has no "
+                "credentials for it: the repository does not exist, or it is private "
+                "(add its credentials to auth_registries)",
+            )
+        return UpstreamRefused(
+            403,
+            "DENIED",
+            f"{origin.netloc} refused {name} to the registry cache's credentials"
+            + (f" ({why})" if why else "")
+            + ": check auth_registries",
+        )
+
+    async def _fetch_token(self, challenge: Challenge, credential: str) -> tuple[str, float]:
+        """Asks a token realm for a token (the destination policy applies to it too)."""
+        url = challenge.token_url
+        self._policy.check_redirect(url)
+        headers = {"Authorization": credential, **EXACT_BYTES} if credential else EXACT_BYTES
+        async with self.session.get(
+            url, headers=headers, proxy=self._proxy, allow_redirects=False
+        ) as response:
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(16 << 10):
+                body += chunk
+                if len(body) > MAX_TOKEN_RESPONSE:
+                    raise TokenUnavailable(f"{url.host} answered more than 64 KiB")
+            if response.status != 200:
+                raise TokenUnavailable(f"{url.host} answered {response.status}")
+            try:
+                return read_token(decode_body(bytes(body), response.headers, MAX_TOKEN_RESPONSE))
+            except ContentCodingError as e:
+                raise TokenUnavailable(f"{url.host}: {e}") from e
 
     async def _send(
         self,
