@@ -93,6 +93,8 @@ class CertificateAuthority:
             serialization.NoEncryption(),
         )
         self._contexts: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        # The mirror's own leaf: (names, when to renew it, its context).
+        self._own: tuple[tuple[str, ...], datetime.datetime, ssl.SSLContext] | None = None
 
     # --- loading ------------------------------------------------------------------------
 
@@ -210,11 +212,14 @@ class CertificateAuthority:
 
     # --- leaves -------------------------------------------------------------------------
 
-    def issue_leaf(self, host: str) -> x509.Certificate:
-        try:
-            san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
-        except ValueError:
-            san = x509.DNSName(host)
+    def issue_leaf(self, host: str, *more: str) -> x509.Certificate:
+        """A leaf for `host` (and `more` names: the mirror's own certificate)."""
+        sans: list[x509.GeneralName] = []
+        for name in (host, *more):
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                sans.append(x509.DNSName(name))
         now = datetime.datetime.now(datetime.UTC)
         # A certificate's CN is limited to 64 characters; the SAN carries the real name.
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host[:64])])
@@ -226,7 +231,7 @@ class CertificateAuthority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(min(now + LEAF_VALIDITY, self.cert.not_valid_after_utc))
-            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(
@@ -246,7 +251,34 @@ class CertificateAuthority:
         if ctx is not None:
             self._contexts.move_to_end(host)
             return ctx
-        leaf = self.issue_leaf(host)
+        ctx = self._context_for(self.issue_leaf(host))
+        self._contexts[host] = ctx
+        if len(self._contexts) > LEAF_CACHE_SIZE:
+            self._contexts.popitem(last=False)
+        return ctx
+
+    def own_context(self, names: tuple[str, ...]) -> ssl.SSLContext:
+        """An SSL context presenting one leaf for the cache's own names (the mirror's),
+        whatever name a client asks for in SNI: a client that trusts the cache for its own
+        name is never answered as another host. Those the CA may not sign for (its name
+        constraints) are left out; made anew once the leaf is half way to expiry."""
+        allowed = tuple(n for n in names if self.permits(n))
+        now = datetime.datetime.now(datetime.UTC)
+        held = self._own
+        if held is not None and held[0] == allowed and held[1] > now:
+            return held[2]
+        if not allowed:
+            raise ValueError(
+                "none of mirror_names may be signed by this CA (ca_name_constraints); name "
+                "the cache's host in both, or rotate the CA"
+            )
+        leaf = self.issue_leaf(*allowed)
+        renew = now + (leaf.not_valid_after_utc - now) / 2
+        ctx = self._context_for(leaf)
+        self._own = (allowed, renew, ctx)
+        return ctx
+
+    def _context_for(self, leaf: x509.Certificate) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         # Every suite OpenSSL enables is strong, so let the client pick (Mozilla's advice):
@@ -262,9 +294,6 @@ class CertificateAuthority:
             ctx.load_cert_chain(f"/proc/self/fd/{fd}")
         finally:
             os.close(fd)
-        self._contexts[host] = ctx
-        if len(self._contexts) > LEAF_CACHE_SIZE:
-            self._contexts.popitem(last=False)
         return ctx
 
 

@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,8 @@ class Config:
     upstream_timeout: float = 60.0
     # The upstream of mirror requests that name no registry (Docker's registry-mirrors).
     mirror_default_registry: str = "docker.io"
+    # Names on the mirror's own TLS certificate; empty: the host's (default_mirror_names).
+    mirror_names: tuple[str, ...] = ()
     # True when `listen` was not configured: a missing IPv6 stack then is not an error.
     listen_is_default: bool = True
 
@@ -117,6 +120,42 @@ def parse_size(value: Any) -> int:
     if not m:
         raise ConfigError(f"{value!r} is not a size; use a number with k, m, g or t (e.g. 32g)")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_mirror_names(value: Any) -> tuple[str, ...]:
+    """DNS names and IP addresses the cache answers to as a mirror."""
+    from .destinations import valid_host_name
+
+    names = value.replace(",", " ").split() if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise ConfigError("expected a list of host names and addresses")
+    out: list[str] = []
+    for name in names:
+        name = name.strip().lower().strip("[]")
+        try:
+            out.append(str(ipaddress.ip_address(name)))
+            continue
+        except ValueError:
+            pass
+        if not (valid_host_name(name) and re.fullmatch(r"[a-z0-9.*-]+", name)):
+            raise ConfigError(f"{name[:100]!r} is neither a host name nor an IP address")
+        out.append(name.rstrip("."))
+    return tuple(dict.fromkeys(out))
+
+
+def default_mirror_names(config: Config) -> tuple[str, ...]:
+    """The host's own names and addresses: FQDN, short name, localhost, loopback, the
+    addresses it listens on (not the wildcards), and those its name resolves to."""
+    fqdn = socket.getfqdn().lower()
+    names = [fqdn, fqdn.split(".", 1)[0], socket.gethostname().lower(), "localhost"]
+    names += ["127.0.0.1", "::1"]
+    names += [a.host for a in config.listen if a.host not in ("0.0.0.0", "::")]
+    try:
+        resolved = [str(i[4][0]) for i in socket.getaddrinfo(fqdn, None)]
+    except OSError:
+        resolved = []  # a name the host cannot resolve: its other names still serve
+    names += [a for a in resolved if "%" not in a]  # no link-local scopes
+    return parse_mirror_names([n for n in names if n])
 
 
 def parse_mirror_registry(value: Any) -> str:
@@ -360,6 +399,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "head_timeout": parse_duration,
     "upstream_timeout": lambda v: parse_positive_duration(v),
     "mirror_default_registry": lambda v: parse_mirror_registry(v),
+    "mirror_names": lambda v: parse_mirror_names(v),
 }
 
 # Keys whose environment value is YAML rather than a plain string (lists of mappings).

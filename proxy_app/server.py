@@ -26,7 +26,7 @@ from yarl import URL
 
 from . import __version__
 from .ca import CertificateAuthority, trust_bundle
-from .config import Config, ProxyUser
+from .config import Config, ProxyUser, default_mirror_names
 from .destinations import DestinationPolicy, DestinationRefused, host_matches, valid_host_name
 from .exchange import Exchange
 from .metrics import CONTENT_TYPE, Metrics
@@ -262,6 +262,26 @@ async def _tunnel_via_parent(
     return cast(asyncio.Transport, upstream)
 
 
+TLS_HANDSHAKE = b"\x16"  # the first byte of a TLS record carrying a handshake
+
+
+def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
+    """Gives bytes already read from a socket to the protocol now on it (start_tls's)."""
+    # asyncio's and uvloop's TLS protocols take bytes as a buffered protocol does (uvloop's
+    # is not a subclass of asyncio.BufferedProtocol, so its methods are what counts).
+    get_buffer = getattr(protocol, "get_buffer", None)
+    if get_buffer is None:
+        protocol.data_received(data)  # type: ignore[attr-defined]
+        return
+    view = memoryview(data)
+    while view:
+        buffer = get_buffer(len(view))
+        n = min(len(buffer), len(view))
+        buffer[:n] = view[:n]
+        protocol.buffer_updated(n)  # type: ignore[attr-defined]
+        view = view[n:]
+
+
 class _Holding(asyncio.Protocol):
     """Stands in while TLS is set up: bytes that arrive before the HTTP handler is
     attached (a client's request right behind its handshake) are kept, not lost."""
@@ -342,6 +362,16 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is None:
             return
         self.buffer += data
+        if self.buffer[:1] == TLS_HANDSHAKE:
+            # TLS straight away, not a CONNECT: a mirror client that trusts the cache for
+            # its own name. The bytes read so far are the start of its ClientHello.
+            transport, slot = self.transport, self.slot
+            assert slot is not None
+            transport.pause_reading()
+            self._cancel_timer()
+            self.transport = self.slot = None
+            self.server.spawn(self.server.own_tls(transport, slot, self.client, bytes(self.buffer)))
+            return
         end = self.buffer.find(b"\r\n\r\n")
         if end > MAX_HEAD or (end < 0 and len(self.buffer) > MAX_HEAD):
             self._refuse(431, f"request head larger than {MAX_HEAD} bytes")
@@ -408,6 +438,7 @@ class ProxyServer:
         self.auth = ProxyAuthenticator(config.users)
         self.destinations = DestinationPolicy(config)
         self.mirror = MirrorDoor(self)
+        self.mirror_names = config.mirror_names or default_mirror_names(config)
         self._servers: list[asyncio.Server] = []
         self._plain: TrackedServer | None = None
         self.slots = ConnectionSlots(config.max_connections_per_client, metrics)
@@ -612,6 +643,46 @@ class ProxyServer:
         )
         holding.hand_over(tls, handler_server, slot)
         return True
+
+    async def own_tls(
+        self, transport: asyncio.Transport, slot: Slot, client: str, hello: bytes
+    ) -> None:
+        """TLS for the cache's own names (mirror_names), whatever the client's SNI; inside,
+        the same HTTP as on the plain listener: the mirror front door and the own pages."""
+        loop = asyncio.get_running_loop()
+        holding = _Holding()
+        try:
+            context = self.ca.own_context(self.mirror_names)
+        except ValueError as e:
+            log.error("cannot answer TLS from %s: %s", client, e)
+            transport.abort()
+            slot.release()
+            return
+        starting = asyncio.ensure_future(
+            loop.start_tls(
+                transport,
+                holding,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=min(TLS_HANDSHAKE_TIMEOUT, self.config.head_timeout),
+            )
+        )
+        # start_tls puts its TLS protocol on the transport and schedules its start; the
+        # ClientHello bytes already read are handed to it right behind that start.
+        await asyncio.sleep(0)
+        loop.call_soon(_feed, transport.get_protocol(), hello)
+        try:
+            tls = await starting
+        except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as e:
+            log.warning("TLS handshake with %s (mirror) failed: %s", client, e)
+            transport.abort()
+            slot.release()
+            return
+        if tls is None:
+            transport.abort()
+            slot.release()
+            return
+        holding.hand_over(tls, self.plain_http(), slot)
 
     async def _handle_intercepted(
         self, origin: Origin, client: str, user: ProxyUser | None, request: web.BaseRequest

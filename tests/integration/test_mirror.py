@@ -8,6 +8,8 @@ against the real registries (open, htpasswd, token auth with its realm on anothe
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -383,3 +385,54 @@ def test_proxy_users_and_their_allow_lists(
     assert mirror_get(proxy, "/v2/pub/open/manifests/1", wrong).status == 401
     # bob's password went nowhere upstream.
     assert all("b0b-pass" not in line for line in proxy.log_lines())
+
+
+def test_tls_on_the_same_port_for_the_caches_own_names_only(
+    registry: Registry,
+    image_factory: Callable[..., Image],
+    proxy_factory: Callable[..., Proxy],
+    tmp_path: Path,
+) -> None:
+    image = image_factory(f"{registry.netloc}/mirror/tls:1")
+    proxy = proxy_factory(mirror_default_registry=registry.netloc)
+    # skopeo over TLS, trusting the cache's CA for the cache's own address and nothing else.
+    res = skopeo(
+        "copy",
+        "--src-cert-dir",
+        str(proxy.cert_dir),
+        f"docker://127.0.0.1:{proxy.port}/mirror/tls:1",
+        f"oci:{tmp_path / 'tls'}:latest",
+    )
+    assert res.returncode == 0, res.stderr
+    assert set(image.blob_digests) <= layout_blobs(tmp_path / "tls")
+    # Whatever name the client asks for, the answer is the cache's own certificate: a
+    # client that trusts the CA is never answered as ghcr.io on a direct connection.
+    ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
+    with (
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        names = [v for _, v in tls.getpeercert()["subjectAltName"]]
+        assert "127.0.0.1" in names and "localhost" in names
+        assert "ghcr.io" not in names
+    with (
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+        ctx.wrap_socket(raw, server_hostname="ghcr.io")
+    # Plain HTTP stays: the same port answers both.
+    assert mirror_get(proxy, "/v2/").status == 200
+
+
+def test_a_broken_or_silent_tls_start_costs_nothing(proxy_factory: Callable[..., Proxy]) -> None:
+    proxy = proxy_factory(head_timeout="2s")
+    junk = raw_exchange(proxy.port, b"\x16\x03\x01\x00\x05junkjunkjunk", timeout=10)
+    assert not junk.complete  # no HTTP answer: the handshake failed and the line was cut
+    silent = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    silent.sendall(b"\x16\x03\x01")
+    start = time.monotonic()
+    assert silent.recv(100) == b""  # closed at the handshake timeout
+    assert time.monotonic() - start < 8
+    silent.close()
+    assert mirror_get(proxy, "/v2/").status == 200
+    assert "Traceback" not in proxy.output()

@@ -124,3 +124,17 @@ def test_token_answers() -> None:
     for bad in (b"not json", b"[]", b"{}", b'{"token": ""}'):
         with pytest.raises(Exception, match="token endpoint"):
             read_token(bad)
+
+
+def test_mirror_names_config() -> None:
+    from proxy_app.config import ConfigError, parse_mirror_names
+
+    assert parse_mirror_names("cache.example.com, 10.0.0.5 [fd00::5]") == (
+        "cache.example.com",
+        "10.0.0.5",
+        "fd00::5",
+    )
+    assert parse_mirror_names(["Cache.Example.com.", "cache.example.com"]) == ("cache.example.com",)
+    for bad in (["bad name"], ["a..b"], [7], "x" * 300):
+        with pytest.raises(ConfigError):
+            parse_mirror_names(bad)
