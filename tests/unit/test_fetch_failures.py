@@ -101,7 +101,7 @@ class Cache:
     async def settled(self) -> None:
         """Until no fetch is under way and every verified blob has been stored."""
         async with asyncio.timeout(10):
-            while len(self.registry.inflight) or self.registry._storing:
+            while len(self.registry.inflight) or self.registry.blobs._storing:
                 await asyncio.sleep(0.01)
 
     def consistent(self) -> bool:
