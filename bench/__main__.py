@@ -35,7 +35,15 @@ QUICK = {
 }
 # Kept between runs: the generated image and the upstream storage holding it.
 DEFAULT_CACHE = "/var/tmp/registry-cache-bench"  # noqa: S108
-FIGURES = ("throughput", "warm_pull", "tag_latency", "peak_rss", "cold_pull", "herd")
+FIGURES = (
+    "throughput",
+    "warm_pull",
+    "mirror_pull",
+    "tag_latency",
+    "peak_rss",
+    "cold_pull",
+    "herd",
+)
 
 
 def _log(message: str) -> None:
@@ -118,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = bench.proxy()
         step("throughput", lambda: figures.throughput(bench, warm, p, _log))
         step("warm_pull", lambda: figures.warm_pull(bench, warm, p, _log))
+        step("mirror_pull", lambda: figures.mirror_pull(bench, warm, p, _log))
         step("tag_latency", lambda: figures.tag_latency(bench, warm, p, _log))
 
         def rss() -> dict[str, Any]:

@@ -183,6 +183,35 @@ def warm_pull(bench: Bench, proxy: Proxy, p: Params, log: Any) -> dict[str, Any]
     }
 
 
+def mirror_pull(bench: Bench, proxy: Proxy, p: Params, log: Any) -> dict[str, Any]:
+    """skopeo copy of the whole image through the warm cache as a mirror (TLS to the
+    cache's own name, no CONNECT) and through the same cache as a proxy (CONNECT, then
+    TLS with a leaf for the registry's name), pairs alternating."""
+
+    def via_mirror() -> float:
+        return tools.skopeo_pull(bench.own_mirror_ref(proxy), proxy.cert_dir)
+
+    def via_connect() -> float:
+        return tools.skopeo_pull(bench.upstream_ref(), proxy.cert_dir, proxy_port=proxy.port)
+
+    via_mirror()
+    via_connect()
+    times: dict[str, list[float]] = {"mirror": [], "connect": []}
+    for i in range(p.runs_pull):
+        order = ("mirror", "connect") if i % 2 == 0 else ("connect", "mirror")
+        for side in order:
+            times[side].append(via_mirror() if side == "mirror" else via_connect())
+        mirror, connect = times["mirror"][-1], times["connect"][-1]
+        log(f"  run {i + 1}: mirror {mirror:.2f} s, CONNECT {connect:.2f} s")
+    return {
+        "mirror_s": median(times["mirror"]),
+        "connect_s": median(times["connect"]),
+        "ratio": paired_ratio(times["mirror"], times["connect"]),
+        "ratio_quartiles": _quartiles(pair_ratios(times["mirror"], times["connect"])),
+        "samples_s": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
+    }
+
+
 # --- 3. cold pull against a direct pull ------------------------------------------------
 
 

@@ -276,6 +276,8 @@ class Bench:
                 "allowed_ports": [443, self.upstream.port],
                 "tag_ttl": "5m",
                 "log_format": "text",
+                # the mirror front door's registry for names without one (figure 2b)
+                "mirror_default_registry": self.upstream.netloc,
             },
         )
         proxy.start()
@@ -291,6 +293,10 @@ class Bench:
 
     def upstream_ref(self) -> str:
         return f"{self.upstream.netloc}/{REPO}:{TAG}"
+
+    def own_mirror_ref(self, proxy: Proxy) -> str:
+        """The image through the proxy's own mirror front door (its default registry)."""
+        return f"127.0.0.1:{proxy.port}/{REPO}:{TAG}"
 
     def mirror_ref(self) -> str:
         return f"{self.mirror.netloc}/{REPO}:{TAG}"

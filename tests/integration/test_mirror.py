@@ -8,9 +8,11 @@ against the real registries (open, htpasswd, token auth with its realm on anothe
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -109,7 +111,10 @@ def test_path_prefix_names_the_registry(
     image = image_factory(f"{registry.netloc}/mirror/prefixed:1")
     proxy = proxy_factory()
     ref = f"127.0.0.1:{proxy.port}/scratch.rc.test/mirror/prefixed:1"
-    res = mirror_pull(ref, tmp_path / "p")
+    # Over TLS, trusting the cache's CA for the cache's own address only.
+    res = skopeo(
+        "copy", "--src-cert-dir", str(proxy.cert_dir), f"docker://{ref}", f"oci:{tmp_path / 'p'}"
+    )
     assert res.returncode == 0, res.stderr
     assert set(image.blob_digests) <= layout_blobs(tmp_path / "p")
     assert any("/v2/mirror/prefixed/manifests/1" in s.path for s in front443.seen)
@@ -436,3 +441,99 @@ def test_a_broken_or_silent_tls_start_costs_nothing(proxy_factory: Callable[...,
     silent.close()
     assert mirror_get(proxy, "/v2/").status == 200
     assert "Traceback" not in proxy.output()
+
+
+# --- Docker's registry-mirrors ------------------------------------------------------------
+
+BRIDGE = "rcmirror0"  # a bridge of its own: a second dockerd must not touch docker0
+
+
+class Dockerd:
+    """A Docker engine of its own (data root, exec root, socket, bridge) whose only
+    `registry-mirrors` entry is the cache, over plain HTTP."""
+
+    def __init__(self, workdir: Path, mirror: str) -> None:
+        # Short paths: the engine's containerd puts sockets under the exec root, and a
+        # socket path has at most 107 characters.
+        self.dir = Path(tempfile.mkdtemp(prefix="rcd-", dir="/tmp"))
+        self.log = workdir / "dockerd.log"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.socket = self.dir / "docker.sock"
+        if subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode:
+            for cmd in (
+                ["ip", "link", "add", BRIDGE, "type", "bridge"],
+                ["ip", "addr", "add", "10.213.7.1/24", "dev", BRIDGE],
+                ["ip", "link", "set", BRIDGE, "up"],
+            ):
+                subprocess.run(cmd, check=True, capture_output=True)
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        self.proc = subprocess.Popen(
+            [
+                "dockerd",
+                "--data-root",
+                str(self.dir / "root"),
+                "--exec-root",
+                str(self.dir / "exec"),
+                "--pidfile",
+                str(self.dir / "dockerd.pid"),
+                "-H",
+                f"unix://{self.socket}",
+                "--bridge",
+                BRIDGE,
+                "--iptables=false",
+                "--ip-masq=false",
+                "--ip6tables=false",
+                "--registry-mirror",
+                mirror,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("ab"),
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        deadline = time.monotonic() + 60
+        while self.docker("info").returncode != 0:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(self.log.read_text()[-3000:])
+            time.sleep(0.5)
+
+    def docker(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["docker", "-H", f"unix://{self.socket}", *args],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+
+    def stop(self) -> None:
+        stop_process(self.proc, grace=20)
+        # What the engine mounted under its data root is gone with it; then the files.
+        subprocess.run(["umount", "-R", str(self.dir / "root")], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def test_dockers_registry_mirrors_pulls_through_the_default_registry(
+    registry: Registry,
+    multi: MultiPlatformImage,
+    proxy_factory: Callable[..., Proxy],
+    tmp_path: Path,
+) -> None:
+    """A test registry stands in for Docker Hub (mirror_default_registry): Docker sends
+    `mirror/multi`, which it takes for docker.io/mirror/multi, to its mirror."""
+    proxy = proxy_factory(mirror_default_registry=registry.netloc)
+    daemon = Dockerd(tmp_path / "dockerd", f"http://127.0.0.1:{proxy.port}")
+    try:
+        res = daemon.docker("pull", "mirror/multi:1")
+        assert res.returncode == 0, res.stdout + res.stderr
+        digest = daemon.docker(
+            "image", "inspect", "-f", "{{index .RepoDigests 0}}", "mirror/multi:1"
+        ).stdout.strip()
+        assert digest.endswith(multi.index_digest), digest
+        served = mirror_lines(proxy, "/mirror/multi/")
+        amd64 = multi.platforms["linux/amd64"]
+        assert all(any(d in ln for ln in served) for d in amd64.blob_digests), served
+        assert all(" mirror" in ln for ln in served)
+    finally:
+        daemon.stop()
