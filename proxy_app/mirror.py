@@ -19,8 +19,11 @@ the client's behalf (`Origin.mirror`).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import logging
 import re
+import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
@@ -29,6 +32,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from .connections import TLS_HANDSHAKE_TIMEOUT, Holding, Slot, feed_read_bytes
 from .destinations import DestinationRefused, valid_host_name
 from .exchange import Exchange
 from .responses import API_VERSION, CACHE_HEADER, error_response
@@ -36,6 +40,8 @@ from .upstream import Origin
 
 if TYPE_CHECKING:
     from .server import ProxyServer
+
+log = logging.getLogger(__name__)
 
 DOCKER_HUB = "registry-1.docker.io"
 DOCKER_HUB_NAMES = frozenset({"docker.io", "index.docker.io", DOCKER_HUB})
@@ -198,3 +204,43 @@ class MirrorDoor:
         except OSError as e:
             return error_response(502, "UNAVAILABLE", f"cannot resolve {host}: {e}")
         return None
+
+    async def tls(
+        self, transport: asyncio.Transport, slot: Slot, client: str, hello: bytes
+    ) -> None:
+        """TLS for the cache's own names (mirror_names), whatever the client's SNI; inside,
+        the same HTTP as on the plain listener: the mirror front door and the own pages."""
+        loop = asyncio.get_running_loop()
+        holding = Holding()
+        try:
+            context = self.server.ca.own_context(self.server.mirror_names)
+        except ValueError as e:
+            log.error("cannot answer TLS from %s: %s", client, e)
+            transport.abort()
+            slot.release()
+            return
+        starting = asyncio.ensure_future(
+            loop.start_tls(
+                transport,
+                holding,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=min(TLS_HANDSHAKE_TIMEOUT, self.config.head_timeout),
+            )
+        )
+        # start_tls puts its TLS protocol on the transport and schedules its start; the
+        # ClientHello bytes already read are handed to it right behind that start.
+        await asyncio.sleep(0)
+        loop.call_soon(feed_read_bytes, transport.get_protocol(), hello)
+        try:
+            tls = await starting
+        except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as e:
+            log.warning("TLS handshake with %s (mirror) failed: %s", client, e)
+            transport.abort()
+            slot.release()
+            return
+        if tls is None:
+            transport.abort()
+            slot.release()
+            return
+        holding.hand_over(tls, self.server.plain_http(), slot)

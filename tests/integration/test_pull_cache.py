@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from support.client import fetch
 from support.images import layout_blobs, pull
-from support.registry import Registry
+from support.registry import Registry, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -25,6 +25,9 @@ def test_multilayer_image_miss_then_hit(
     first = pull(proxy, ref, tmp_path / "first")
     assert first.returncode == 0, f"first pull through the proxy failed:\n{first.stderr}"
     assert set(img.blob_digests) <= layout_blobs(tmp_path / "first")
+    # A request's access-log line is written once its answer has gone out, which a client
+    # that has the last byte may not wait for.
+    wait_until(lambda: all(proxy.results_for(d) for d in img.blob_digests), timeout=10)
     for digest in img.blob_digests:
         assert proxy.results_for(digest) == ["MISS"], (
             f"first pull of {digest}: access log says {proxy.results_for(digest)}\n"
@@ -38,6 +41,7 @@ def test_multilayer_image_miss_then_hit(
     second = pull(proxy, ref, tmp_path / "second")
     assert second.returncode == 0, f"second pull through the proxy failed:\n{second.stderr}"
     assert set(img.blob_digests) <= layout_blobs(tmp_path / "second")
+    wait_until(lambda: all(len(proxy.results_for(d)) > 1 for d in img.blob_digests), timeout=10)
     for digest in img.blob_digests:
         assert proxy.results_for(digest) == ["MISS", "HIT"], (
             f"second pull of {digest}: access log says {proxy.results_for(digest)}"

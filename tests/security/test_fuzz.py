@@ -15,8 +15,9 @@ import re
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from proxy_app.connect_door import CONNECT_TARGET
+from proxy_app.connections import parse_head
 from proxy_app.routes import DIGEST, NAME, SHA256, BadRoute, RouteKind, parse_route
-from proxy_app.server import _CONNECT_TARGET, _parse_head
 
 FUZZ = settings(
     max_examples=1000,
@@ -165,7 +166,7 @@ connect_heads = st.one_of(
 @example(b"CONNECT a:1\r\n: x")
 @example(b"CONNECT a:1 HTTP/1.1\r\n Host: x")
 def test_connect_head_parser(head: bytes) -> None:
-    parsed = _parse_head(head)
+    parsed = parse_head(head)
     if parsed is None:
         return
     request_line, headers = parsed
@@ -175,7 +176,7 @@ def test_connect_head_parser(head: bytes) -> None:
         assert value == value.strip()
     if len(request_line) != 3:
         return
-    m = _CONNECT_TARGET.fullmatch(request_line[1])
+    m = CONNECT_TARGET.fullmatch(request_line[1])
     if m is None:
         return
     port = m.group("port")
