@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import re
 import ssl
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
@@ -36,12 +37,16 @@ from .connections import TLS_HANDSHAKE_TIMEOUT, Holding, Slot, feed_read_bytes
 from .destinations import DestinationRefused, valid_host_name
 from .exchange import Exchange
 from .responses import API_VERSION, CACHE_HEADER, error_response
+from .routes import PUSH_METHODS
 from .upstream import Origin
 
 if TYPE_CHECKING:
     from .server import ProxyServer
 
 log = logging.getLogger(__name__)
+
+CHECKED_FOR = 10.0  # seconds a registry's passed destination check is taken as it is
+CHECKED_KEPT = 1024  # registries remembered so at most
 
 DOCKER_HUB = "registry-1.docker.io"
 DOCKER_HUB_NAMES = frozenset({"docker.io", "index.docker.io", DOCKER_HUB})
@@ -140,6 +145,10 @@ class MirrorDoor:
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
         self.config = server.config
+        # Registries whose addresses passed the destination check lately: (host, port) ->
+        # until when. Every connection upstream is checked again by the guarded resolver;
+        # this one is for a clear 403, and need not cost a lookup on every request.
+        self._checked: dict[tuple[str, int], float] = {}
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         server = self.server
@@ -159,6 +168,16 @@ class MirrorDoor:
             target = resolve(request.raw_path, self.config.mirror_default_registry)
         except MirrorRequestInvalid as e:
             return error_response(400, "NAME_INVALID", str(e))
+        if request.method in PUSH_METHODS:
+            # A mirror client has no credentials upstream, so a push would go with the
+            # cache's own: the mirror is read-only, whatever allow_push says.
+            return error_response(
+                405,
+                "UNSUPPORTED",
+                "the registry cache's mirror is read-only: push to the registry itself "
+                "(or through the cache as a proxy, with allow_push)",
+                headers={"Allow": "GET, HEAD"},
+            )
         if target.path.split("?", 1)[0] in ("/v2", "/v2/"):
             # The API ping is the cache's own: it speaks the registry API for every upstream.
             return web.json_response({}, headers={CACHE_HEADER: "PASS", **API_VERSION})
@@ -197,12 +216,19 @@ class MirrorDoor:
                 f"{target.netloc} is not a registry this cache may fetch from (intercept); "
                 "registries in passthrough cannot be mirrored",
             )
+        now = time.monotonic()
+        if self._checked.get((host, port), 0.0) > now:
+            return None
         try:
             await self.server.destinations.resolve(host, port)
         except DestinationRefused as e:
             return error_response(403, "DENIED", str(e))
         except OSError as e:
             return error_response(502, "UNAVAILABLE", f"cannot resolve {host}: {e}")
+        if len(self._checked) >= CHECKED_KEPT:
+            self._checked = {k: t for k, t in self._checked.items() if t > now}
+        if len(self._checked) < CHECKED_KEPT:
+            self._checked[(host, port)] = now + CHECKED_FOR
         return None
 
     async def tls(

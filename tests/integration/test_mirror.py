@@ -358,7 +358,14 @@ def test_ping_pushes_and_clients(registry: Registry, proxy_factory: Callable[...
         f"POST /v2/x/blobs/uploads/?ns={registry.netloc} HTTP/1.1\r\nHost: c\r\n"
         "Content-Length: 0\r\nConnection: close\r\n\r\n".encode(),
     )
-    assert push.status == 405 and "push is disabled" in push.text()
+    assert push.status == 405 and "read-only" in push.text()
+    pushing = proxy_factory(mirror_default_registry=registry.netloc, allow_push=True)
+    push = raw_exchange(
+        pushing.port,
+        b"PUT /v2/x/manifests/1 HTTP/1.1\r\nHost: c\r\nContent-Length: 2\r\n"
+        b"Connection: close\r\n\r\n{}",
+    )
+    assert push.status == 405 and "read-only" in push.text()
     closed = proxy_factory(allowed_clients=["10.0.0.0/8"], mirror_default_registry=registry.netloc)
     res = mirror_get(closed, "/v2/mirror/app/manifests/1")
     assert res.status == 403 and "allowed_clients" in res.text()
