@@ -28,6 +28,7 @@ from .context import CacheContext
 from .exchange import Exchange
 from .inflight import BlobFetch, FetchFailed, InflightFetches, StoreUnavailable
 from .links import RepositoryLinks, refusal
+from .manifests import KeyedLocks
 from .responses import (
     API_VERSION,
     CACHE_HEADER,
@@ -77,6 +78,7 @@ class BlobCache:
         self.send_budget = SendBudget()
         self._tasks: set[asyncio.Task[None]] = set()
         self._storing: set[asyncio.Future[None]] = set()
+        self._commits = KeyedLocks()  # a digest's move into the store, one at a time
 
     # --- blobs --------------------------------------------------------------------------
 
@@ -107,8 +109,8 @@ class BlobCache:
                 ex.result = "HIT"
                 self.index.touch(digest)
                 return await self._send_stored(request, digest, size, reader, ex)
-        fetch = self.inflight.get(digest)
-        if fetch is not None and fetch.verified:
+        fetch = self.inflight.verified(digest)
+        if fetch is not None:
             # Fetched and verified, being flushed to disk: the bytes are here already.
             ex.result = "HIT"
             return await self._send_inflight(request, origin, route.name, fetch, ex, "cache")
@@ -116,7 +118,7 @@ class BlobCache:
             return await self.pass_through(request, origin, ex, "MISS")
         ex.result = "MISS"
         while True:
-            fetch, mine = self.inflight.claim(digest)
+            fetch, mine = self.inflight.claim(digest, origin.key)
             if mine:
                 fetch.source = (origin.key, route.name)
                 self.spawn(self._fetch_blob(fetch, origin, route.name, request.headers, ex))
@@ -145,8 +147,8 @@ class BlobCache:
         digest = route.reference
         if self.links.get(origin, route.name, digest) is not None:
             return None
-        fetch = self.inflight.get(digest)
-        held = self.store.size(digest) is not None or (fetch is not None and fetch.verified)
+        held = self.store.size(digest) is not None or self.inflight.verified(digest) is not None
+        fetch = self.inflight.get(digest, origin.key)
         if not held and (fetch is None or fetch.source == (origin.key, route.name)):
             return None  # fetched from this very repository (and linked once stored)
         answer = await self.links.confirm(origin, route, request.headers, ex.share)
@@ -442,6 +444,25 @@ class BlobCache:
 
     async def _store_verified(self, fetch: BlobFetch, writer: BlobWriter) -> None:
         """Flushes and renames a verified blob into the store and indexes it."""
+        # Two registries' fetches of one digest may both finish: one is stored, and the
+        # other, the same bytes, only linked (never counted twice toward max_size).
+        async with self._commits.hold(fetch.digest):
+            if self.store.size(fetch.digest) is not None and self.index.blob(fetch.digest):
+                writer.abort()
+                self._link_source(fetch)
+                self.inflight.release(fetch)
+                fetch.finish()
+                return
+            await self._commit(fetch, writer)
+
+    def _link_source(self, fetch: BlobFetch) -> None:
+        if fetch.source is not None:
+            try:
+                self.index.add_link(*fetch.source, fetch.digest)
+            except sqlite3.Error as e:
+                self.maintenance.store_failed(e)  # confirmed again on its next use
+
+    async def _commit(self, fetch: BlobFetch, writer: BlobWriter) -> None:
         try:
             size = await asyncio.get_running_loop().run_in_executor(
                 self.executor, writer.commit, writer.written

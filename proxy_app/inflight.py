@@ -40,7 +40,9 @@ class BlobFetch:
         # What upstream answered the initiating request instead of the blob (to relay).
         self.refusal: object | None = None
         self.error: FetchFailed | None = None
-        # Where it is fetched from: (Origin.key, repository), linked there once stored.
+        # Where it is fetched from: the registry (Origin.key) it is keyed by, and with the
+        # repository the link made once it is stored.
+        self.origin = ""
         self.source: tuple[str, str] | None = None
         self._progress = asyncio.Event()
 
@@ -116,28 +118,49 @@ class BlobFetch:
 
 
 class InflightFetches:
-    """The registry of fetches under way, keyed by digest."""
+    """The registry of fetches under way, keyed by registry and digest.
+
+    Per registry, not by digest alone: a registry that trickles a digest another registry
+    also serves must never hold up that registry's clients, nor feed them its bytes (which
+    the digest check would refuse only at the end, cutting their connections). Two
+    registries' fetches of one digest may run side by side; the first verified is stored.
+    """
 
     def __init__(self, on_change: Callable[[int], None] | None = None) -> None:
-        self._fetches: dict[str, BlobFetch] = {}
+        self._fetches: dict[tuple[str, str], BlobFetch] = {}
         self._on_change = on_change
 
-    def get(self, digest: str) -> BlobFetch | None:
-        return self._fetches.get(digest)
+    def get(self, digest: str, origin: str) -> BlobFetch | None:
+        """The fetch of `digest` from registry `origin` (an Origin.key)."""
+        return self._fetches.get((origin, digest))
 
-    def claim(self, digest: str) -> tuple[BlobFetch, bool]:
-        """The fetch for `digest`, and whether the caller created it (and must run it)."""
-        fetch = self._fetches.get(digest)
+    def verified(self, digest: str) -> BlobFetch | None:
+        """A fetch of `digest` from any registry whose bytes are all in and verified."""
+        for (_, d), fetch in self._fetches.items():
+            if d == digest and fetch.verified:
+                return fetch
+        return None
+
+    def busy(self, digest: str) -> bool:
+        """Whether `digest` is being fetched from any registry (not to be evicted)."""
+        return any(d == digest for _, d in self._fetches)
+
+    def claim(self, digest: str, origin: str) -> tuple[BlobFetch, bool]:
+        """The fetch of `digest` from `origin`, and whether the caller created it (and
+        must run it)."""
+        fetch = self._fetches.get((origin, digest))
         if fetch is not None:
             return fetch, False
         fetch = BlobFetch(digest)
-        self._fetches[digest] = fetch
+        fetch.origin = origin
+        self._fetches[(origin, digest)] = fetch
         self._changed()
         return fetch, True
 
     def release(self, fetch: BlobFetch) -> None:
-        if self._fetches.get(fetch.digest) is fetch:
-            del self._fetches[fetch.digest]
+        key = (fetch.origin, fetch.digest)
+        if self._fetches.get(key) is fetch:
+            del self._fetches[key]
             self._changed()
 
     def __len__(self) -> int:

@@ -87,7 +87,7 @@ class KeyedLocks:
         self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
 
     @contextlib.asynccontextmanager
-    async def hold(self, key: Hashable, deadline: float) -> AsyncIterator[None]:
+    async def hold(self, key: Hashable, deadline: float | None = None) -> AsyncIterator[None]:
         """Holds key's lock; waits for it until `deadline` (loop clock), TurnTimeout after."""
         lock, users = self._locks.get(key, (None, 0))
         if lock is None:

@@ -205,7 +205,7 @@ class StoreMaintenance:
             victims = [
                 e
                 for e in self.index.least_recently_used(256)
-                if e.digest not in self._pins and not (inflight and inflight.get(e.digest))
+                if e.digest not in self._pins and not (inflight and inflight.busy(e.digest))
             ]
             if not victims:
                 self._publish()
@@ -223,7 +223,7 @@ class StoreMaintenance:
         for entry in self.index.least_recently_used(1000):
             if entry.last_access >= cutoff:
                 break
-            if entry.digest in self._pins or (inflight and inflight.get(entry.digest)):
+            if entry.digest in self._pins or (inflight and inflight.busy(entry.digest)):
                 continue
             self._evict(entry)
             expired += 1

@@ -214,3 +214,53 @@ def test_a_stale_tag_is_served_when_upstream_trickles_past_the_bound(
     res = asyncio.run(get())
     assert res.status == 200 and res.cache == "STALE", (res.status, res.cache)
     assert res.headers["docker-content-digest"] == first.manifest_digest
+
+
+def test_a_registry_trickling_a_digest_holds_up_no_other_registrys_clients(
+    front: Front,
+    registry: Registry,
+    image_factory: Callable[..., Image],
+    proxy_factory: Callable[..., Proxy],
+) -> None:
+    """Issue 15: `front` (another registry name, serving the same digest a byte a second)
+    is asked first; a client of the real registry then gets the blob at once, and only
+    the real registry's bytes."""
+    image = image_factory(f"{registry.netloc}/trickle/shared:1", [40_000])
+    layer = image.layer_digests[0]
+    proxy = proxy_factory()
+    path = f"/v2/trickle/shared/blobs/{layer}"
+
+    async def run() -> None:
+        slow = asyncio.ensure_future(
+            afetch(
+                proxy.port,
+                str(proxy.ca_path),
+                *front.netloc.split(":")[:1],
+                int(front.netloc.split(":")[1]),
+                "GET",
+                path,
+                timeout=3,
+            )
+        )
+        await asyncio.sleep(1)  # the trickling fetch is under way
+        host, port = registry.netloc.split(":")
+        res, took = await timed(
+            asyncio.ensure_future(
+                afetch(
+                    proxy.port,
+                    str(proxy.ca_path),
+                    host,
+                    int(port),
+                    "GET",
+                    path,
+                    timeout=20,
+                    source=OTHER_CLIENT,
+                )
+            )
+        )
+        assert res.status == 200 and res.sha256 == layer, (res.status, res.sha256)
+        assert took < 5, took
+        with contextlib.suppress(TimeoutError):
+            await slow
+
+    asyncio.run(run())

@@ -62,8 +62,8 @@ def test_readers_never_get_the_last_byte_before_verification(tmp_path: Path) -> 
         store = FilesystemBlobStore(tmp_path)
         fetches = InflightFetches()
         data = b"x" * 100
-        fetch, mine = fetches.claim(digest_of(data))
-        assert mine and fetches.claim(digest_of(data)) == (fetch, False)
+        fetch, mine = fetches.claim(digest_of(data), "reg.example")
+        assert mine and fetches.claim(digest_of(data), "reg.example") == (fetch, False)
         writer = store.begin_write(fetch.digest)
         fetch.begin(writer, len(data))
         writer.write(data)
@@ -88,7 +88,7 @@ def test_a_store_failure_after_verification_does_not_cut_readers(tmp_path: Path)
     async def scenario() -> None:
         store = FilesystemBlobStore(tmp_path)
         data = b"y" * 10
-        fetch, _ = InflightFetches().claim(digest_of(data))
+        fetch, _ = InflightFetches().claim(digest_of(data), "reg.example")
         writer = store.begin_write(fetch.digest)
         fetch.begin(writer, len(data))
         writer.write(data)
@@ -108,7 +108,7 @@ def test_a_store_failure_after_verification_does_not_cut_readers(tmp_path: Path)
 def test_failed_fetch_wakes_readers_with_an_error(tmp_path: Path) -> None:
     async def scenario() -> None:
         store = FilesystemBlobStore(tmp_path)
-        fetch, _ = InflightFetches().claim(digest_of(b"abc"))
+        fetch, _ = InflightFetches().claim(digest_of(b"abc"), "reg.example")
         fetch.begin(store.begin_write(fetch.digest), 3)
         waiter = asyncio.ensure_future(fetch.wait_beyond(0))
         await asyncio.sleep(0)
@@ -163,7 +163,7 @@ def test_a_range_short_of_the_end_gets_its_last_byte_only_once_verified(tmp_path
     async def scenario() -> None:
         store = FilesystemBlobStore(tmp_path)
         data = b"r" * 100
-        fetch, _ = InflightFetches().claim(digest_of(data))
+        fetch, _ = InflightFetches().claim(digest_of(data), "reg.example")
         writer = store.begin_write(fetch.digest)
         fetch.begin(writer, len(data))
         writer.write(data[:60])

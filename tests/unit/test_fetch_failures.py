@@ -248,7 +248,7 @@ def test_stopping_ends_the_readers_of_an_unfinished_fetch(tmp_path: Path) -> Non
         async with running_cache(tmp_path, slowly(data, pause=0.05)) as cache:
             reader = asyncio.ensure_future(cache.get(digest))
             async with asyncio.timeout(10):
-                while not cache.registry.inflight.get(digest):
+                while not cache.registry.inflight.busy(digest):
                     await asyncio.sleep(0.01)
             await asyncio.sleep(0.2)  # some bytes are on their way
             async with asyncio.timeout(10):
@@ -414,7 +414,7 @@ def test_a_newcomer_to_a_verified_blob_that_could_not_be_stored_gets_it_from_ups
     async def scenario() -> None:
         async with running_cache(tmp_path, serving({digest: data})) as cache:
             # The state between a failed flush and the fetch's end: verified, file gone.
-            fetch, _ = cache.registry.inflight.claim(digest)
+            fetch, _ = cache.registry.inflight.claim(digest, "test-origin")
             writer = cache.store.begin_write(digest)
             fetch.begin(writer, len(data))
             writer.write(data)
@@ -441,7 +441,7 @@ def test_a_range_of_an_unverified_blob_is_never_answered_complete(tmp_path: Path
         async with running_cache(tmp_path, slowly(bad)) as cache:
             whole = asyncio.ensure_future(cache.get(digest))
             async with asyncio.timeout(10):
-                while not cache.registry.inflight.get(digest):
+                while not cache.registry.inflight.busy(digest):
                     await asyncio.sleep(0.01)
             await asyncio.sleep(0.1)  # the first 64 KiB have arrived, unverified
             with pytest.raises(aiohttp.ClientPayloadError):
@@ -462,7 +462,7 @@ def test_a_range_of_a_blob_being_fetched_is_answered_once_verified(tmp_path: Pat
         async with running_cache(tmp_path, slowly(data)) as cache:
             whole = asyncio.ensure_future(cache.get(digest))
             async with asyncio.timeout(10):
-                while not cache.registry.inflight.get(digest):
+                while not cache.registry.inflight.busy(digest):
                     await asyncio.sleep(0.01)
             await asyncio.sleep(0.1)
             ranged = await cache.get(digest, {"Range": "bytes=1000-66535"})
