@@ -391,6 +391,11 @@ class BlobCache:
                 await _written(writing)
                 if writing is not None:
                     fetch.progressed()
+                if writer.written + sum(map(len, batch)) > self.config.max_size:
+                    # A blob without a length (chunked, or coded) that has outgrown the
+                    # whole cache: no client can be given it whole from here, and the
+                    # disk is not its to fill.
+                    raise _TooLarge(self.config.max_size)
                 writing = loop.run_in_executor(self.executor, writer.write_chunks, batch)
             await _written(writing)
             if writing is not None:
@@ -411,6 +416,15 @@ class BlobCache:
             self.metrics.upstream_errors.inc()
             log.error("refusing blob %s from %s: %s", fetch.digest, origin.netloc, e)
             fetch.fail(str(e))
+        except _TooLarge as e:
+            self.metrics.upstream_errors.inc()
+            await _abandoned(writing, writer)
+            message = (
+                f"{origin.netloc} sent blob {fetch.digest} without a length, and past "
+                f"max_size ({e.limit} bytes): refused, nothing stored"
+            )
+            log.warning("%s", message)
+            fetch.fail(message)
         except ContentCodingError as e:
             self.metrics.upstream_errors.inc()
             await _abandoned(writing, writer)
@@ -578,6 +592,12 @@ async def _abandoned(writing: asyncio.Future[None] | None, writer: BlobWriter | 
     await _settled(writing)
     if writer is not None:
         writer.abort()
+
+
+class _TooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} bytes")
+        self.limit = limit
 
 
 class _StoreError(Exception):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -264,3 +265,56 @@ def test_a_registry_trickling_a_digest_holds_up_no_other_registrys_clients(
             await slow
 
     asyncio.run(run())
+
+
+def test_a_blob_without_end_stops_at_max_size(
+    aio: AioThread,
+    pki: Pki,
+    registry: Registry,
+    upstream_ports: set[int],
+    proxy_factory: Callable[..., Proxy],
+) -> None:
+    """Issue 15: a chunked blob that never ends, against max_size 20m: the cache directory
+    stays under the bound while it comes and after, the client is cut off, the log says
+    why, and /healthz stays ok."""
+    endless = Front(
+        aio, "scratch.rc.test", pki.server, registry.netloc, pki.ca_path, endless="/endless/"
+    ).start()
+    upstream_ports.add(endless.port)
+    try:
+        proxy = proxy_factory(max_size="20m")
+        digest = "sha256:" + "ab" * 32
+        peak = 0
+
+        def on_disk() -> int:
+            return sum(p.stat().st_size for p in proxy.cache_dir.rglob("*") if p.is_file())
+
+        async def run() -> Response:
+            nonlocal peak
+            host, port = endless.netloc.split(":")
+            getting = asyncio.ensure_future(
+                afetch(
+                    proxy.port,
+                    str(proxy.ca_path),
+                    host,
+                    int(port),
+                    "GET",
+                    f"/v2/endless/x/blobs/{digest}",
+                    timeout=60,
+                    keep_body=False,
+                )
+            )
+            while not getting.done():
+                peak = max(peak, on_disk())
+                await asyncio.sleep(0.05)
+            return await getting
+
+        res = asyncio.run(run())
+        assert not res.complete
+        assert peak < 21 << 20, peak
+        assert on_disk() < 1 << 20  # the space given back at once (the CA and index stay)
+        assert proxy.log_lines("past max_size")
+        with urllib.request.urlopen(f"{proxy.url}/healthz", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        endless.stop()

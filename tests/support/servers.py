@@ -221,6 +221,7 @@ class Front(AppServer):
     - ``stall``: requests whose path contains it get no answer for ``stall_seconds``.
     - ``trickle``: GETs whose path contains it get their body one byte a second.
     - ``manifest_type``: manifests are answered with this Content-Type (text/html, say).
+    - ``endless``: blob GETs whose path contains it get a chunked body that never ends.
     """
 
     def __init__(
@@ -239,6 +240,7 @@ class Front(AppServer):
         stall_seconds: float = 20,
         trickle: str | None = None,
         manifest_type: str | None = None,
+        endless: str | None = None,
     ) -> None:
         super().__init__(aio, hostname, cert)
         self.backend = backend
@@ -249,6 +251,7 @@ class Front(AppServer):
         self.recode_blobs = recode_blobs
         self.stall, self.stall_seconds, self.trickle = stall, stall_seconds, trickle
         self.manifest_type = manifest_type
+        self.endless = endless
         self.in_flight = 0  # requests being answered now
         self._session: aiohttp.ClientSession | None = None
 
@@ -283,6 +286,13 @@ class Front(AppServer):
         self.record(request)
         if self.stall and self.stall in request.raw_path:
             await asyncio.sleep(self.stall_seconds)
+        if self.endless and self.endless in request.raw_path and "/blobs/" in request.raw_path:
+            resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            chunk = b"\0" * (1 << 20)
+            while True:  # until the client goes
+                await resp.write(chunk)
         if self.require_basic and request.headers.get("Authorization") != _basic(
             *self.require_basic
         ):
