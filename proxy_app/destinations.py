@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 METADATA_ADDRESSES = frozenset(
     {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 )
-WILDCARDS = frozenset({"*", "*:*"})
 # getaddrinfo's "this name does not exist", as opposed to "the DNS did not answer".
 NO_SUCH_NAME = frozenset({socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)})
 
@@ -38,6 +37,14 @@ def valid_host_name(host: str) -> bool:
     or overlong label makes getaddrinfo raise UnicodeError, not OSError)."""
     name = host[:-1] if host.endswith(".") else host
     return 0 < len(name) <= 253 and all(0 < len(label) <= 63 for label in name.split("."))
+
+
+def _literal(glob: str) -> bool:
+    """Whether an intercept/passthrough entry names one host (and maybe a port) exactly."""
+    host = re.sub(r":[0-9]+$", "", glob) if not glob.endswith("]") else glob
+    if re.fullmatch(r"\[[0-9a-fA-F:.]+\]", host):
+        return True  # an IPv6 address in brackets
+    return not any(c in host for c in "*?[]")
 
 
 class DestinationRefused(OSError):
@@ -96,9 +103,10 @@ def is_local_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 class DestinationPolicy:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._explicit = tuple(
-            g for g in (*config.intercept, *config.passthrough) if g not in WILDCARDS
-        )
+        # Only a literal name or address opens loopback, link-local or the cache host
+        # itself: a glob (`*.example.com`) would open it for every name under it, which
+        # anyone who controls that domain's DNS could point at the cache host.
+        self._explicit = tuple(g for g in (*config.intercept, *config.passthrough) if _literal(g))
         # The parent proxy is the admin's own choice (often on the cache host itself).
         parent = URL(config.upstream_proxy) if config.upstream_proxy else None
         self._parent = (parent.host.lower(), parent.port) if parent and parent.host else None

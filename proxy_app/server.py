@@ -318,11 +318,15 @@ class ProxyServer:
                 text=f"port {port} is not allowed (allowed_ports)\n",
                 headers={CACHE_HEADER: "PASS"},
             )
-        if self.disposition(host, port) is None:
+        disposition = self.disposition(host, port)
+        if disposition != "intercept":
+            why = (
+                "is in passthrough: tunnelled with CONNECT only, never proxied as plain HTTP"
+                if disposition == "passthrough"
+                else "is not in intercept"
+            )
             return web.Response(
-                status=403,
-                text=f"{host}:{port} is not in intercept\n",
-                headers={CACHE_HEADER: "PASS"},
+                status=403, text=f"{host}:{port} {why}\n", headers={CACHE_HEADER: "PASS"}
             )
         try:
             await self.destinations.resolve(host, port)

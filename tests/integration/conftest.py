@@ -152,7 +152,7 @@ def proxy_factory(
     def make(start: bool = True, command_prefix: tuple[str, ...] = (), **config: Any) -> Proxy:
         base: dict[str, Any] = {
             "upstream_ca_bundle": str(pki.ca_path),
-            "intercept": ["*", "*.rc.test"],  # loopback upstreams must be named explicitly
+            "intercept": ["*", *HOSTNAMES],  # loopback upstreams must be named exactly
             "allowed_ports": sorted({443, *upstream_ports}),
             "tag_ttl": "5m",
         }

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from support.client import raw_exchange
 from support.images import layout_blobs, skopeo
+from support.net import HOSTNAMES
 from support.proxy import proxy_python
 from support.registry import Registry
 
@@ -25,7 +26,7 @@ def test_pulls_go_through_the_parent_proxy(
 ):
     ref = f"{registry.netloc}/pub/behind-parent:latest"
     img = image_factory(ref, [200_000, 30_000])
-    parent = proxy_factory(intercept=[], passthrough=["*.rc.test"], log_level="info")
+    parent = proxy_factory(intercept=[], passthrough=list(HOSTNAMES), log_level="info")
     child = proxy_factory(upstream_proxy=f"http://localhost:{parent.port}")
 
     res = skopeo(
@@ -51,10 +52,10 @@ def test_passthrough_tunnels_go_through_the_parent_proxy(
     to directly, which fails where only the parent can reach the outside)."""
     ref = f"{registry.netloc}/pub/tunnelled:latest"
     img = image_factory(ref, [50_000])
-    parent = proxy_factory(intercept=[], passthrough=["*.rc.test"], log_level="info")
+    parent = proxy_factory(intercept=[], passthrough=list(HOSTNAMES), log_level="info")
     child = proxy_factory(
         intercept=[],
-        passthrough=["*.rc.test"],
+        passthrough=list(HOSTNAMES),
         upstream_proxy=f"http://localhost:{parent.port}",
         log_level="info",
     )
@@ -78,7 +79,7 @@ def test_a_parent_that_refuses_the_tunnel_gives_a_502_with_its_answer(
 ):
     parent = proxy_factory(intercept=[], passthrough=["other.rc.test"])  # not the registry
     child = proxy_factory(
-        intercept=[], passthrough=["*.rc.test"], upstream_proxy=f"http://127.0.0.1:{parent.port}"
+        intercept=[], passthrough=list(HOSTNAMES), upstream_proxy=f"http://127.0.0.1:{parent.port}"
     )
     connect = f"CONNECT {registry.netloc} HTTP/1.1\r\nHost: {registry.netloc}\r\n\r\n"
     resp = raw_exchange(child.port, connect.encode())
@@ -108,11 +109,11 @@ def test_a_name_only_the_parent_proxy_resolves(
     """The cache resolves a CONNECT's host itself to check where it leads; behind a
     parent proxy, a name it cannot resolve is left to the parent instead of refused. The
     parent here runs on the cache host, which is allowed only for hosts named in intercept
-    or passthrough (`*.rc.test` in these configs); the next tests cover the others."""
+    or passthrough (the test names, listed exactly); the next tests cover the others."""
     ref = f"{registry.netloc}/pub/{mode}-parent-dns:latest"
     img = image_factory(ref, [40_000])
     blind = blind_to_outside_names(tmp_path)
-    dispositions = {} if mode == "intercept" else {"intercept": [], "passthrough": ["*.rc.test"]}
+    dispositions = {} if mode == "intercept" else {"intercept": [], "passthrough": list(HOSTNAMES)}
     # Without a parent the same blind cache cannot reach the registry: the name is
     # really unknown to it (or this test would prove nothing).
     alone = proxy_factory(command_prefix=blind, **dispositions)
@@ -120,7 +121,7 @@ def test_a_name_only_the_parent_proxy_resolves(
     resp = raw_exchange(alone.port, connect.encode())
     assert resp.status == 502 and b"cannot resolve" in resp.body, resp
 
-    parent = proxy_factory(intercept=[], passthrough=["*.rc.test"], log_level="info")
+    parent = proxy_factory(intercept=[], passthrough=list(HOSTNAMES), log_level="info")
     child = proxy_factory(
         command_prefix=blind,
         upstream_proxy=f"http://localhost:{parent.port}",

@@ -24,6 +24,7 @@ from integration.conftest import (  # noqa: F401
     workroot,
 )
 from security.secsupport import NetLab
+from support.net import HOSTNAMES
 from support.proxy import Proxy
 from support.topology import Pki
 
@@ -71,7 +72,7 @@ def proxy_config(test_pki: Pki, ports: set[int], **config: Any) -> dict[str, Any
     """The integration proxy_factory's base config, with `config` on top."""
     base: dict[str, Any] = {
         "upstream_ca_bundle": str(test_pki.ca_path),
-        "intercept": ["*", "*.rc.test"],
+        "intercept": ["*", *HOSTNAMES],
         "allowed_ports": sorted({443, *ports}),
         "tag_ttl": "5m",
     }

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from security.conftest import LOOPBACK_ALIAS, METADATA_ALIAS
 from security.secsupport import NetLab, connect_head, exchange
-from support.net import free_port
+from support.net import HOSTNAMES, free_port
 from support.proxy import Proxy
 from support.registry import Registry
 from support.servers import AioThread
@@ -62,7 +62,7 @@ def guarded(
     allowed = sorted({443, 22, 80, canary.port, *upstream_ports})
     if request.param == "intercept":
         return module_proxy(allowed_ports=allowed)
-    return module_proxy(allowed_ports=allowed, intercept=[], passthrough=["*", "*.rc.test"])
+    return module_proxy(allowed_ports=allowed, intercept=[], passthrough=["*", *HOSTNAMES])
 
 
 def targets(canary: Canary, netlab: NetLab) -> list[tuple[str, str]]:
@@ -131,11 +131,48 @@ def test_absolute_form_refused_where_it_must_not_go(guarded: Proxy, canary: Cana
         host = url.split("/")[2]
         data = f"GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
         resp = exchange("127.0.0.1", guarded.port, data)
+        if guarded.config.get("passthrough") and reason != "allowed_ports":
+            reason = "passthrough"  # passthrough hosts are never proxied as plain HTTP
         if resp.status != 403 or reason not in resp.text():
             problems.append(f"GET {url}: {resp.status} {resp.error or ''} {resp.text()[:200]!r}")
     time.sleep(0.3)
     assert not problems, "\n".join(problems)
     assert len(canary.peers) == before, f"refused requests reached the canary: {canary.peers}"
+
+
+def test_a_glob_never_opens_loopback_only_an_exact_name_does(
+    module_proxy, canary: Canary, hostile_names, upstream_ports
+):
+    """Issue 15: `*.rcsec.test` in passthrough (or intercept) does not make a name under
+    it that resolves to loopback reachable; naming that host exactly does."""
+    target = f"{LOOPBACK_ALIAS}:{canary.port}"
+    allowed = sorted({443, canary.port, *upstream_ports})
+    before = len(canary.peers)
+    for dispositions in (
+        {"intercept": [], "passthrough": ["*.rcsec.test"]},
+        {"intercept": ["*", "*.rcsec.test"], "passthrough": []},
+        {"intercept": [], "passthrough": ["loopback-alias.rcsec.*"]},
+    ):
+        proxy = module_proxy(allowed_ports=allowed, **dispositions)
+        resp = exchange("127.0.0.1", proxy.port, connect_head(target))
+        assert resp.status == 403 and "loopback" in resp.text(), (dispositions, resp.status)
+    time.sleep(0.3)
+    assert len(canary.peers) == before
+    exact = module_proxy(allowed_ports=allowed, intercept=[], passthrough=[LOOPBACK_ALIAS])
+    resp = exchange("127.0.0.1", exact.port, connect_head(target))
+    assert resp.status == 200, (resp.status, resp.text())
+
+
+def test_passthrough_hosts_are_never_proxied_as_plain_http(
+    module_proxy, registry: Registry, upstream_ports
+):
+    proxy = module_proxy(intercept=[], passthrough=[registry.hostname])
+    url = f"http://{registry.netloc}/v2/"
+    resp = exchange(
+        "127.0.0.1", proxy.port, f"GET {url} HTTP/1.1\r\nHost: {registry.netloc}\r\n\r\n".encode()
+    )
+    assert resp.status == 403 and "passthrough" in resp.text(), (resp.status, resp.text())
+    assert not proxy.files_in_cache_blobs()
 
 
 NONLOCAL_BIND_PROBE = """
