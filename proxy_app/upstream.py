@@ -229,14 +229,22 @@ class Upstream:
                 cache_credentials,
                 exact,
             )
-            if not (origin.mirror and response.status == 401):
+            if response.status != 401:
                 return response
-            # A mirror client cannot answer the registry's challenge: the cache does.
             challenge = parse_bearer(response.headers.get("WWW-Authenticate", ""))
+            credential = self._realm_credential(origin, challenge) if challenge else ""
+            if not origin.mirror and not (
+                credential and data is None and "Authorization" not in client_headers
+            ):
+                # A client of its own: it answers the challenge itself, as it would the
+                # registry directly (the cache adds no credentials to its token request).
+                return response
+            # A mirror client cannot answer the registry's challenge, and the cache's
+            # credentials never go to a client (which could hand a token made with them
+            # to another registry): the cache answers it on its own upstream leg.
             response.release()
             if challenge is None or data is not None:
                 raise self._refused(origin, path_and_query, None)
-            credential = self._realm_credential(origin, challenge)
             headers = CIMultiDict(client_headers)
             headers.popall("Authorization", None)
             for _ in range(2):
@@ -320,6 +328,11 @@ class Upstream:
         cache_credentials: bool,
         exact: bool,
     ) -> aiohttp.ClientResponse:
+        # The cache's credentials go only to the registry API (/v2/, a Basic-auth
+        # registry), never with a client's request to anything else: a token endpoint
+        # would mint a token with them that the client could hand to any registry.
+        path = path_and_query.split("?", 1)[0]
+        cache_credentials = cache_credentials and (path == "/v2" or path.startswith("/v2/"))
         headers = self.request_headers(origin, client_headers, cache_credentials)
         if exact:
             headers.update(EXACT_BYTES)
