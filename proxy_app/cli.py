@@ -59,9 +59,11 @@ def _load(args: argparse.Namespace) -> Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import serve
+    from .connections import raise_descriptor_limit
 
     config = _load(args)
     setup_logging(config)
+    raise_descriptor_limit()  # before the listener sizes max_connections from it
     try:
         _run_event_loop(serve(config))
     except (OSError, CAError) as e:

@@ -93,6 +93,7 @@ class Config:
     log_format: str = "text"
     log_level: str = "info"
     max_connections_per_client: int = 256
+    max_connections: int = 0  # open client connections in all; 0: from the descriptor limit
     ca_name_constraints: tuple[str, ...] = ()
     head_timeout: float = 30.0
     # Longest wait for an upstream answer's head, and for a whole manifest or tag check.
@@ -395,6 +396,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "log_format": parse_choice("text", "json"),
     "log_level": parse_choice("debug", "info", "warning", "error"),
     "max_connections_per_client": lambda v: parse_count(v, minimum=1),
+    "max_connections": lambda v: parse_count(v, minimum=0),
     "ca_name_constraints": lambda v: parse_dns_names(v),
     "head_timeout": parse_duration,
     "upstream_timeout": lambda v: parse_positive_duration(v),

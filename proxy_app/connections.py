@@ -7,6 +7,8 @@ refusals written before any HTTP handler exists.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import resource
 from collections import Counter
 from typing import Any
 
@@ -14,6 +16,7 @@ from aiohttp import web
 
 from .metrics import Metrics
 from .responses import CACHE_HEADER
+from .upstream_share import client_key
 
 MAX_HEAD = 16 << 10  # a CONNECT head is a few hundred bytes; this bounds a hostile one
 TLS_HANDSHAKE_TIMEOUT = 30.0
@@ -26,6 +29,7 @@ _STATUS_TEXT = {
     431: "Request Header Fields Too Large",
     502: "Bad Gateway",
     408: "Request Timeout",
+    503: "Service Unavailable",
     429: "Too Many Requests",
 }
 
@@ -67,26 +71,50 @@ class Slot:
 
 
 class ConnectionSlots:
-    """Open connections per client address, bounded so that one client (or a slowloris)
-    cannot take every connection the proxy can hold."""
+    """Open connections per client (an address; an IPv6 client's /64, which it holds
+    whole), bounded so that one client (or a slowloris) cannot take every connection the
+    proxy can hold; and how many are open in all (max_connections is the listener's)."""
 
     def __init__(self, limit: int, metrics: Metrics) -> None:
         self.limit = limit
         self._open: Counter[str] = Counter()
         self._metrics = metrics
+        self.total = 0
 
     def take(self, client: str) -> Slot | None:
-        if self._open[client] >= self.limit:
+        key = client_key(client)
+        if self._open[key] >= self.limit:
             return None
-        self._open[client] += 1
+        self._open[key] += 1
+        self.total += 1
         self._metrics.connections.inc()
-        return Slot(self, client)
+        return Slot(self, key)
 
     def give_back(self, client: str) -> None:
         self._open[client] -= 1
         if self._open[client] <= 0:
             del self._open[client]
+        self.total -= 1
         self._metrics.connections.dec()
+
+
+def default_max_connections() -> int:
+    """From the descriptor limit (raised to its hard limit at start): each client
+    connection may need an upstream one too, and the store and index need some."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(64, (soft - 128) // 2)
+
+
+def raise_descriptor_limit() -> None:
+    """The soft descriptor limit up to the hard one (a server's, not a shell's, share)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        # Where it cannot be raised it stays, and max_connections follows it.
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 class TrackedServer(web.Server):

@@ -15,6 +15,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -32,6 +33,7 @@ from .connections import (
     ConnectionSlots,
     Slot,
     TrackedServer,
+    default_max_connections,
     parse_head,
     raw_response,
 )
@@ -64,21 +66,32 @@ class ClientConnection(asyncio.Protocol):
         if not self.server.client_allowed(self.client) and not is_loopback(self.client):
             self._refuse_client()
             return
+        if not self.server.make_room():
+            self.server.log_refusal(self.client, "the listener is at max_connections")
+            self._refuse(503, "the registry cache is at max_connections; try again shortly")
+            return
         self.slot = self.server.slots.take(self.client)
         if self.slot is None:
-            log.warning("refused a connection from %s: it has too many open", self.client)
+            self.server.log_refusal(self.client, "it has max_connections_per_client open")
             self._refuse(
                 429, f"too many connections from {self.client} (max_connections_per_client)"
             )
             return
+        self.server.waiting[self] = None
         self._timer = asyncio.get_running_loop().call_later(
             self.server.config.head_timeout, self._head_timeout
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        self.server.waiting.pop(self, None)
         if self.slot is not None:
             self.slot.release()
+
+    def evict(self) -> None:
+        """Closed to make room: it has sent nothing a request could be made of yet."""
+        self.server.log_refusal(self.client, "an idle new connection was closed for room")
+        self._refuse(503, "closed before a request came, to make room (max_connections)")
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -95,6 +108,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _refuse(self, status: int, message: str, extra: str = "") -> None:
         self._cancel_timer()
+        self.server.waiting.pop(self, None)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(raw_response(status, message, extra))
             self.transport.close()
@@ -113,6 +127,7 @@ class ClientConnection(asyncio.Protocol):
             assert slot is not None
             transport.pause_reading()
             self._cancel_timer()
+            self.server.waiting.pop(self, None)
             self.transport = self.slot = None
             self.server.spawn(
                 self.server.mirror.tls(transport, slot, self.client, bytes(self.buffer))
@@ -125,6 +140,7 @@ class ClientConnection(asyncio.Protocol):
         if end < 0:
             return
         self._cancel_timer()
+        self.server.waiting.pop(self, None)  # a request came: no longer the first to go
         if self.buffer.startswith(b"CONNECT "):
             if not self.server.client_allowed(self.client):
                 self._refuse_client()  # loopback outside allowed_clients: own pages only
@@ -191,6 +207,13 @@ class ProxyServer:
         self._servers: list[asyncio.Server] = []
         self._plain: TrackedServer | None = None
         self.slots = ConnectionSlots(config.max_connections_per_client, metrics)
+        self.max_connections = config.max_connections or default_max_connections()
+        # Connections that have not sent a complete first request head (or TLS hello), the
+        # oldest first: at max_connections a new connection takes the place of the oldest
+        # of these, so a flood of silent connections cannot lock real clients (or the
+        # cache's own health check) out, and clients holding connections keep them.
+        self.waiting: dict[ClientConnection, None] = {}
+        self._refusals_logged: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # aiohttp closes a connection whose next request head is not complete this long
         # after the connection opened or the previous response ended: the head timeout.
@@ -239,6 +262,26 @@ class ProxyServer:
         task.add_done_callback(self._tasks.discard)
 
     # --- policy -------------------------------------------------------------------------
+
+    def make_room(self) -> bool:
+        """Whether one more connection fits, closing the oldest waiting one if need be."""
+        if self.slots.total < self.max_connections:
+            return True
+        if not self.waiting:
+            return False
+        oldest = next(iter(self.waiting))
+        oldest.evict()
+        return self.slots.total < self.max_connections
+
+    def log_refusal(self, client: str, why: str) -> None:
+        """Logged once a minute per client address: a flood must not flood the log."""
+        now = time.monotonic()
+        if self._refusals_logged.get(client, 0.0) > now:
+            return
+        if len(self._refusals_logged) > 10_000:
+            self._refusals_logged = {c: t for c, t in self._refusals_logged.items() if t > now}
+        self._refusals_logged[client] = now + 60
+        log.warning("refused a connection from %s: %s (logged once a minute)", client, why)
 
     def client_allowed(self, client: str) -> bool:
         address = _client_address(client)

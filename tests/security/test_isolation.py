@@ -318,3 +318,44 @@ def test_a_blob_without_end_stops_at_max_size(
             assert r.status == 200
     finally:
         endless.stop()
+
+
+def test_a_flood_of_silent_connections_locks_nobody_out(
+    registry: Registry, image_factory: Callable[..., Image], proxy_factory: Callable[..., Proxy]
+) -> None:
+    """Issue 15: 40 loopback addresses open 600 silent connections against
+    max_connections 200 (each address under max_connections_per_client): a client that
+    sends its request still gets its answer, /healthz answers, the silent ones are closed
+    oldest first, and each address's refusals are logged once."""
+    image_factory(f"{registry.netloc}/iso/flood:1")
+    proxy = proxy_factory(max_connections=200, head_timeout="60s")
+    sources = [f"127.0.7.{i}" for i in range(1, 41)]
+
+    async def run() -> None:
+        silent: list[asyncio.StreamWriter] = []
+        try:
+            for n in range(600):
+                _, writer = await asyncio.open_connection(
+                    "127.0.0.1", proxy.port, local_addr=(sources[n % len(sources)], 0)
+                )
+                silent.append(writer)
+            await asyncio.sleep(0.5)
+            # The cap holds: the oldest silent connections were closed to make room.
+            held = await asyncio.to_thread(proxy.metric, "registry_cache_client_connections")
+            assert held <= 200, held
+            res, took = await timed(
+                manifest_request(proxy, registry.netloc, "/v2/iso/flood/manifests/1", OTHER_CLIENT)
+            )
+            assert res.status == 200 and took < 5, (res.status, took)
+        finally:
+            for writer in silent:
+                writer.close()
+
+    asyncio.run(run())
+    with urllib.request.urlopen(f"{proxy.url}/healthz", timeout=5) as r:
+        assert r.status == 200
+    refusals = proxy.log_lines("refused a connection from 127.0.7.")
+    per_address = {ln.split("refused a connection from ", 1)[1].split(":")[0] for ln in refusals}
+    assert refusals and len(refusals) == len(per_address), refusals[:5]
+    # Every connection of the flood is given back once it is gone.
+    assert wait_until(lambda: proxy.metric("registry_cache_client_connections") <= 1, timeout=10)
