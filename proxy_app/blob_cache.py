@@ -47,7 +47,11 @@ from .upstream import UPSTREAM_ERRORS, Origin, UpstreamRefused, describe
 log = logging.getLogger(__name__)
 
 FETCH_BATCH = 1 << 20  # bytes of a download handed to the disk writer at a time
-STORE_ON_STOP_TIMEOUT = 30.0  # seconds a stop waits for verified blobs to be flushed
+STORE_ON_STOP_TIMEOUT = 30.0
+# The slowest average a blob download may keep after its first upstream_timeout: a real
+# registry far behind it is as good as down, and a hostile one must not hold a fetch (and
+# its connection, and the clients waiting on it) for ever.
+FLOOR_RATE = 32 << 10  # seconds a stop waits for verified blobs to be flushed
 
 
 class Refusal:
@@ -387,7 +391,9 @@ class BlobCache:
             fetch.begin(writer, size)
             # The disk write of one batch overlaps the network read of the next; writes
             # stay in order because each waits for the one before it.
-            async for batch in _batches(upstream.content, decoder):
+            async for batch in _batches(
+                upstream.content, decoder, _Pace(self.config.upstream_timeout)
+            ):
                 await _written(writing)
                 if writing is not None:
                     fetch.progressed()
@@ -416,6 +422,15 @@ class BlobCache:
             self.metrics.upstream_errors.inc()
             log.error("refusing blob %s from %s: %s", fetch.digest, origin.netloc, e)
             fetch.fail(str(e))
+        except _TooSlow as e:
+            self.metrics.upstream_errors.inc()
+            await _abandoned(writing, writer)
+            message = (
+                f"{origin.netloc} sent blob {fetch.digest} too slowly ({e.received} bytes; the "
+                f"cache waits upstream_timeout, then wants {FLOOR_RATE >> 10} KiB/s): given up"
+            )
+            log.warning("%s", message)
+            fetch.fail(message)
         except _TooLarge as e:
             self.metrics.upstream_errors.inc()
             await _abandoned(writing, writer)
@@ -535,17 +550,43 @@ class BlobCache:
             await asyncio.wait(set(self._storing), timeout=STORE_ON_STOP_TIMEOUT)
 
 
+class _Pace:
+    """How late a download's bytes may come: after a grace of upstream_timeout, at least
+    FLOOR_RATE on average. So a blob's total time is bounded by its size, and a registry
+    that trickles (one byte every two minutes keeps a connection alive) is given up on."""
+
+    def __init__(self, grace: float) -> None:
+        self.start = asyncio.get_running_loop().time()
+        self.grace = grace
+        self.received = 0
+
+    def deadline(self) -> float:
+        """When more than the bytes received so far must have come."""
+        return self.start + self.grace + (self.received + 1) / FLOOR_RATE
+
+
 async def _batches(
-    stream: aiohttp.StreamReader, decoder: Decoder | None
+    stream: aiohttp.StreamReader, decoder: Decoder | None, pace: _Pace
 ) -> AsyncIterator[list[bytes]]:
     """A download as batches of up to about FETCH_BATCH bytes, as its chunks came (written
     with one writev, never joined: a copy of a GB costs a tenth of a second), decoded
     first when the registry sent it coded (pieces of a bounded size however well it
-    compresses). Raises ContentCodingError when the coded body is corrupt or cut short."""
+    compresses). Raises ContentCodingError when the coded body is corrupt or cut short,
+    and _TooSlow when the registry falls behind the pace."""
     while True:
-        data = await stream.readany()
+        # What has arrived is taken at once; only a wait for more is timed (a timer per
+        # read would cost a fast download a few per cent of its CPU).
+        data = stream.read_nowait(FETCH_BATCH)
         if not data:
-            break
+            if stream.at_eof():
+                break
+            try:
+                async with asyncio.timeout_at(pace.deadline()):
+                    data = await stream.readany()
+            except TimeoutError as e:
+                raise _TooSlow(pace.received) from e
+            if not data:
+                break
         raw = [data]
         size = len(data)
         while size < FETCH_BATCH:
@@ -554,6 +595,7 @@ async def _batches(
                 break
             raw.append(more)
             size += len(more)
+        pace.received += size
         if decoder is None:
             yield raw
             continue
@@ -592,6 +634,12 @@ async def _abandoned(writing: asyncio.Future[None] | None, writer: BlobWriter | 
     await _settled(writing)
     if writer is not None:
         writer.abort()
+
+
+class _TooSlow(Exception):
+    def __init__(self, received: int) -> None:
+        super().__init__(f"fell behind after {received} bytes")
+        self.received = received
 
 
 class _TooLarge(Exception):

@@ -359,3 +359,41 @@ def test_a_flood_of_silent_connections_locks_nobody_out(
     assert refusals and len(refusals) == len(per_address), refusals[:5]
     # Every connection of the flood is given back once it is gone.
     assert wait_until(lambda: proxy.metric("registry_cache_client_connections") <= 1, timeout=10)
+
+
+def test_a_blob_sent_a_byte_a_second_is_given_up_on(
+    front: Front,
+    registry: Registry,
+    image_factory: Callable[..., Image],
+    proxy_factory: Callable[..., Proxy],
+) -> None:
+    """Issue 15: a download must keep a floor rate after upstream_timeout: a registry that
+    trickles a blob (a byte a second keeps a connection alive for ever) is given up on, and
+    nothing is stored."""
+    image = image_factory(f"{registry.netloc}/trickle/blob:1", [20_000])
+    layer = image.layer_digests[0]
+    proxy = proxy_factory(upstream_timeout="2s")
+    host, port = front.netloc.split(":")
+
+    async def run() -> tuple[Response, float]:
+        return await timed(
+            asyncio.ensure_future(
+                afetch(
+                    proxy.port,
+                    str(proxy.ca_path),
+                    host,
+                    int(port),
+                    "GET",
+                    f"/v2/trickle/blob/blobs/{layer}",
+                    timeout=30,
+                )
+            )
+        )
+
+    res, took = asyncio.run(run())
+    assert not res.complete and res.sha256 != layer
+    assert took < 6, took
+    assert proxy.log_lines("too slowly"), proxy.output()[-2000:]
+    assert proxy.files_in_cache_blobs() == []
+    # The cache let go of the registry's connection.
+    assert wait_until(lambda: front.in_flight == 0, timeout=10)
