@@ -45,6 +45,9 @@ class ConfigError(ValueError):
 class Credentials:
     username: str
     password: str
+    # The registries (host globs) these credentials may get tokens for, when their host is
+    # a token realm; empty: the registries of the realm's own domain.
+    registries: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # never show the password, even in a debug dump
         return f"Credentials(username={self.username!r}, password=***)"
@@ -232,7 +235,7 @@ def parse_listen(value: Any) -> tuple[ListenAddress, ...]:
 
 def parse_auth_registries(value: Any) -> dict[str, Credentials]:
     """The list form `[{host, username, password}]` or the string form `host:user:pass ...`."""
-    entries: list[tuple[str, str, str]] = []
+    entries: list[tuple[str, str, str, tuple[str, ...]]] = []
     if value is None or value == "":
         return {}
     if isinstance(value, str):
@@ -248,28 +251,40 @@ def parse_auth_registries(value: Any) -> dict[str, Credentials]:
                     f"entry {i} is not host[:port]:username:password "
                     "(entries are separated by spaces; the password may contain ':')"
                 )
-            entries.append((parts[0], parts[1], parts[2]))
+            entries.append((parts[0], parts[1], parts[2], ()))
     elif isinstance(value, list):
         for i, item in enumerate(value, start=1):
             if not isinstance(item, Mapping):
                 raise ConfigError(f"entry {i} must be a mapping with host, username, password")
-            unknown = set(item) - {"host", "username", "password"}
+            unknown = set(item) - {"host", "username", "password", "registries"}
             if unknown:
                 raise ConfigError(f"entry {i} has unknown keys: {', '.join(sorted(unknown))}")
             missing = [k for k in ("host", "username", "password") if not item.get(k)]
             if missing:
                 raise ConfigError(f"entry {i} lacks {', '.join(missing)}")
-            entries.append((str(item["host"]), str(item["username"]), str(item["password"])))
+            registries = item.get("registries") or []
+            if not isinstance(registries, list) or not all(
+                isinstance(r, str) and r for r in registries
+            ):
+                raise ConfigError(f"entry {i}: registries must be a list of registry host globs")
+            entries.append(
+                (
+                    str(item["host"]),
+                    str(item["username"]),
+                    str(item["password"]),
+                    tuple(r.lower() for r in registries),
+                )
+            )
     else:
         raise ConfigError("expected a list of {host, username, password} or 'host:user:pass ...'")
     result: dict[str, Credentials] = {}
-    for host, user, password in entries:
+    for host, user, password, registries in entries:
         host = host.lower()
         if not re.fullmatch(r"[a-z0-9.-]+(:\d+)?", host):
             raise ConfigError(f"{host!r} is not a registry host name (host or host:port)")
         if host in result:
             raise ConfigError(f"{host!r} is listed twice")
-        result[host] = Credentials(user, password)
+        result[host] = Credentials(user, password, registries)
     return result
 
 

@@ -24,7 +24,7 @@ from yarl import URL
 
 from .config import Config, Credentials
 from .content_coding import EXACT_BYTES, ContentCodingError, decode_body
-from .destinations import DestinationPolicy, GuardedResolver
+from .destinations import DestinationPolicy, GuardedResolver, host_matches
 from .tokens import (
     MAX_TOKEN_RESPONSE,
     Challenge,
@@ -268,15 +268,19 @@ class Upstream:
         naming another's realm must not get a token made with that one's credentials)."""
         realm = URL(challenge.realm)
         realm_host = (realm.host or "").lower()
-        if _domain(realm_host) != _domain(origin.host) or realm.scheme != "https":
+        if realm.scheme != "https":
             return ""
         realm_port = realm.port or 443
-        creds = (
-            self._credentials.get(f"{realm_host}:{realm_port}")
-            or self._credentials.get(realm_host)
-            or self.credentials_for(origin)
+        creds = self._credentials.get(f"{realm_host}:{realm_port}") or self._credentials.get(
+            realm_host
         )
-        return basic_auth(creds.username, creds.password) if creds else ""
+        if creds is not None and creds.registries:
+            # Bound to the registries listed with them (auth_registries' `registries`).
+            bound = host_matches(creds.registries, origin.host.lower(), origin.port)
+        else:
+            bound = _domain(realm_host) == _domain(origin.host)
+            creds = creds or self.credentials_for(origin)
+        return basic_auth(creds.username, creds.password) if creds and bound else ""
 
     def _refused(self, origin: Origin, path: str, why: str | None) -> UpstreamRefused:
         name = path.split("?", 1)[0].removeprefix("/v2/")

@@ -73,3 +73,34 @@ def test_ipv6_hosts_match_bracketed_globs() -> None:
     assert host_matches(globs, "fd00::6", 443)
     # a bracket is not a character class: one-character hosts do not match
     assert not host_matches(globs, "d", 443) and not host_matches(globs, "5", 443)
+
+
+def test_realm_credentials_go_only_to_the_registries_they_are_for() -> None:
+    from proxy_app.config import parse_auth_registries
+    from proxy_app.tokens import Challenge
+
+    def credential(auth: object, registry: str, realm: str = "https://auth.rc.test/token") -> str:
+        config = dataclasses.replace(CONFIG, auth_registries=parse_auth_registries(auth))
+        upstream = Upstream(config)
+        return upstream._realm_credential(
+            Origin("https", registry, 443), Challenge(realm, None, None)
+        )
+
+    seed_form = "auth.rc.test:bot:s3cret"
+    assert credential(seed_form, "tokenreg.rc.test").startswith("Basic ")
+    assert credential(seed_form, "bad.other.example") == ""  # another domain: none
+    assert credential(seed_form, "tokenreg.rc.test", "http://auth.rc.test/token") == ""
+    bound = [
+        {
+            "host": "auth.rc.test",
+            "username": "bot",
+            "password": "s3cret",
+            "registries": ["mirror.other.example"],
+        }
+    ]
+    assert credential(bound, "mirror.other.example").startswith("Basic ")
+    assert credential(bound, "tokenreg.rc.test") == ""  # listed registries only
+    with pytest.raises(Exception, match="registries"):
+        parse_auth_registries(
+            [{"host": "a.example", "username": "u", "password": "p", "registries": "not-a-list"}]
+        )
