@@ -330,6 +330,14 @@ def test_a_flood_of_silent_connections_locks_nobody_out(
     image_factory(f"{registry.netloc}/iso/flood:1")
     proxy = proxy_factory(max_connections=200, head_timeout="60s")
     sources = [f"127.0.7.{i}" for i in range(1, 41)]
+    assert proxy.proc is not None
+    status = Path(f"/proc/{proxy.proc.pid}/status")
+
+    def rss_kib() -> int:
+        line = next(ln for ln in status.read_text().splitlines() if ln.startswith("VmRSS:"))
+        return int(line.split()[1])
+
+    rss_before = rss_kib()
 
     async def run() -> None:
         silent: list[asyncio.StreamWriter] = []
@@ -357,8 +365,9 @@ def test_a_flood_of_silent_connections_locks_nobody_out(
     refusals = proxy.log_lines("refused a connection from 127.0.7.")
     per_address = {ln.split("refused a connection from ", 1)[1].split(":")[0] for ln in refusals}
     assert refusals and len(refusals) == len(per_address), refusals[:5]
-    # Every connection of the flood is given back once it is gone.
+    # Every connection of the flood is given back once it is gone, and its memory with it.
     assert wait_until(lambda: proxy.metric("registry_cache_client_connections") <= 1, timeout=10)
+    assert rss_kib() - rss_before < 30 << 10, (rss_before, rss_kib())
 
 
 def test_a_blob_sent_a_byte_a_second_is_given_up_on(
