@@ -422,32 +422,11 @@ class BlobCache:
             self.metrics.upstream_errors.inc()
             log.error("refusing blob %s from %s: %s", fetch.digest, origin.netloc, e)
             fetch.fail(str(e))
-        except _TooSlow as e:
+        except (_TooSlow, _TooLarge, ContentCodingError) as e:
             self.metrics.upstream_errors.inc()
             await _abandoned(writing, writer)
-            message = (
-                f"{origin.netloc} sent blob {fetch.digest} too slowly ({e.received} bytes; the "
-                f"cache waits upstream_timeout, then wants {FLOOR_RATE >> 10} KiB/s): given up"
-            )
-            log.warning("%s", message)
-            fetch.fail(message)
-        except _TooLarge as e:
-            self.metrics.upstream_errors.inc()
-            await _abandoned(writing, writer)
-            message = (
-                f"{origin.netloc} sent blob {fetch.digest} without a length, and past "
-                f"max_size ({e.limit} bytes): refused, nothing stored"
-            )
-            log.warning("%s", message)
-            fetch.fail(message)
-        except ContentCodingError as e:
-            self.metrics.upstream_errors.inc()
-            await _abandoned(writing, writer)
-            message = (
-                f"{origin.netloc} sent blob {fetch.digest} with Content-Encoding "
-                f"{decoder.description if decoder else '?'} that does not decode: {e}"
-            )
-            log.error("refusing blob: %s", message)
+            message = f"{origin.netloc} sent blob {fetch.digest} {_refused_because(e, decoder)}"
+            log.warning("refusing blob: %s", message)
             fetch.fail(message)
         except (*UPSTREAM_ERRORS, aiohttp.ClientPayloadError) as e:
             self.metrics.upstream_errors.inc()
@@ -634,6 +613,19 @@ async def _abandoned(writing: asyncio.Future[None] | None, writer: BlobWriter | 
     await _settled(writing)
     if writer is not None:
         writer.abort()
+
+
+def _refused_because(error: Exception, decoder: Decoder | None) -> str:
+    """Why a download was given up, said after "<registry> sent blob <digest>"."""
+    if isinstance(error, _TooSlow):
+        return (
+            f"too slowly ({error.received} bytes; the cache waits upstream_timeout, then "
+            f"wants {FLOOR_RATE >> 10} KiB/s): given up"
+        )
+    if isinstance(error, _TooLarge):
+        return f"without a length, and past max_size ({error.limit} bytes): refused, nothing stored"
+    coding = decoder.description if decoder else "?"
+    return f"with Content-Encoding {coding} that does not decode: {error}"
 
 
 class _TooSlow(Exception):
