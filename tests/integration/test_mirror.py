@@ -519,6 +519,7 @@ class Dockerd:
         # What the engine mounted under its data root is gone with it; then the files.
         subprocess.run(["umount", "-R", str(self.dir / "root")], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+        subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
 
 
 def test_dockers_registry_mirrors_pulls_through_the_default_registry(
