@@ -27,8 +27,8 @@ from .content_coding import ContentCodingError, Decoder, codings, decoder_for
 from .context import CacheContext
 from .exchange import Exchange
 from .inflight import BlobFetch, FetchFailed, InflightFetches, StoreUnavailable
+from .keyed_locks import KeyedLocks
 from .links import RepositoryLinks, refusal
-from .manifests import KeyedLocks
 from .responses import (
     API_VERSION,
     CACHE_HEADER,

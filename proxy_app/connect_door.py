@@ -24,7 +24,6 @@ from yarl import URL
 from .config import ProxyUser
 from .connections import MAX_HEAD, TLS_HANDSHAKE_TIMEOUT, Holding, Slot, TrackedServer, raw_response
 from .destinations import DestinationRefused, valid_host_name
-from .exchange import Exchange
 from .upstream import Origin, basic_auth, describe
 
 if TYPE_CHECKING:
@@ -305,14 +304,4 @@ class ConnectDoor:
     async def _handle_intercepted(
         self, origin: Origin, client: str, user: ProxyUser | None, request: web.BaseRequest
     ) -> web.StreamResponse:
-        ex = Exchange(
-            client,
-            request.method,
-            origin.netloc,
-            request.raw_path,
-            user=user.name if user else None,
-        )
-        try:
-            return await self.registry.handle(request, origin, ex, user)
-        finally:
-            ex.log(self.config.log_format)
+        return await self.registry.serve(request, origin, client, user, request.raw_path)

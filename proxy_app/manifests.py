@@ -16,7 +16,6 @@ import hashlib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Hashable
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +25,7 @@ from .content_coding import ContentCodingError, decode_body
 from .context import CacheContext
 from .exchange import Exchange
 from .index import TagEntry
+from .keyed_locks import KeyedLocks, TurnTimeout
 from .links import RepositoryLinks, refusal
 from .media_types import DOCKER_MANIFEST, INDEX_TYPES, SCHEMA1_TYPES, STORED_MANIFEST_TYPES
 from .responses import API_VERSION, CACHE_HEADER, error_response, read_body, relay
@@ -74,41 +74,6 @@ def _reusable(media_type: str, got_by: set[str], accepted: set[str]) -> bool:
 
 def _upstream_failed(status: int) -> bool:
     return status >= 500 or status == 429
-
-
-class TurnTimeout(TimeoutError):
-    """Another request for the same manifest held it past the deadline."""
-
-
-class KeyedLocks:
-    """A lock per key, kept only while someone holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: Hashable, deadline: float | None = None) -> AsyncIterator[None]:
-        """Holds key's lock; waits for it until `deadline` (loop clock), TurnTimeout after."""
-        lock, users = self._locks.get(key, (None, 0))
-        if lock is None:
-            lock = asyncio.Lock()
-        self._locks[key] = (lock, users + 1)
-        try:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await lock.acquire()
-            except TimeoutError as e:
-                raise TurnTimeout("another request for it is still waiting on upstream") from e
-            try:
-                yield
-            finally:
-                lock.release()
-        finally:
-            lock, users = self._locks[key]
-            if users <= 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
 
 
 class ManifestCache:
@@ -280,7 +245,8 @@ class ManifestCache:
         # the others find it stored when their turn comes. Every wait, for the turn and for
         # upstream, ends at the deadline: a slow registry holds nobody longer.
         async with self._locks.hold(("digest", origin.key, route.name, route.reference), deadline):
-            served = await self._from_store(request, origin, route, ex, deadline)
+            # Stored or linked by the request before us? Asked upstream already, if at all.
+            served = await self._from_store(request, origin, route, ex, deadline, confirm=False)
             if served is not None:
                 return served
             return await self._digest_from_upstream(request, origin, route, ex, deadline)
@@ -292,15 +258,16 @@ class ManifestCache:
         route: Route,
         ex: Exchange,
         deadline: float,
+        confirm: bool = True,
     ) -> web.Response | None:
         """The stored manifest as this registry labels it, where this repository has it
-        (asked when it is stored for another); the registry's no as it gave it; None when
-        it must come from upstream."""
+        (asked, with `confirm`, when it is stored for another); the registry's no as it
+        gave it; None when it must come from upstream."""
         body = self._cached_body(route.reference)
         if body is None:
             return None
         link = self.links.get(origin, route.name, route.reference)
-        if link is None or link.media_type is None:
+        if confirm and (link is None or link.media_type is None):
             answer = await self.links.confirm(origin, route, request.headers, ex.share, deadline)
             if isinstance(answer, AccessRefused):
                 return refusal(answer, origin, route, ex)

@@ -35,7 +35,6 @@ from yarl import URL
 
 from .connections import TLS_HANDSHAKE_TIMEOUT, Holding, Slot, feed_read_bytes
 from .destinations import DestinationRefused, valid_host_name
-from .exchange import Exchange
 from .responses import API_VERSION, CACHE_HEADER, error_response
 from .routes import PUSH_METHODS
 from .upstream import Origin
@@ -189,18 +188,7 @@ class MirrorDoor:
         headers = CIMultiDict(request.headers)
         headers.popall("Authorization", None)
         inner = request.clone(rel_url=URL(target.path, encoded=True), headers=headers)
-        ex = Exchange(
-            client,
-            request.method,
-            origin.netloc,
-            target.path,
-            user=user.name if user else None,
-            door="mirror",
-        )
-        try:
-            return await server.registry.handle(inner, origin, ex, user)
-        finally:
-            ex.log(self.config.log_format)
+        return await server.registry.serve(inner, origin, client, user, target.path, "mirror")
 
     async def _refused_target(self, target: MirrorTarget) -> web.Response | None:
         """The same destination rules as a CONNECT: port, intercept, resolved addresses."""

@@ -44,12 +44,9 @@ log = logging.getLogger(__name__)
 class RegistryProxy:
     def __init__(self, ctx: CacheContext) -> None:
         self.config = ctx.config
-        self.maintenance = ctx.maintenance
-        self.store = ctx.store
         self.index = ctx.index
         self.upstream = ctx.upstream
         self.metrics = ctx.metrics
-        self.executor = ctx.executor
         self.links = RepositoryLinks(ctx.index, ctx.upstream)
         self.blobs = BlobCache(ctx, self.links, self.pass_through)
         self.inflight = self.blobs.inflight
@@ -62,6 +59,23 @@ class RegistryProxy:
         self.pending_stats: dict[str, int] = {}
 
     # --- entry point --------------------------------------------------------------------
+
+    async def serve(
+        self,
+        request: web.BaseRequest,
+        origin: Origin,
+        client: str,
+        user: ProxyUser | None,
+        path: str,
+        door: str = "connect",
+    ) -> web.StreamResponse:
+        """One request from a front door: its exchange, handled, then its access-log line."""
+        user_name = user.name if user else None
+        ex = Exchange(client, request.method, origin.netloc, path, user=user_name, door=door)
+        try:
+            return await self.handle(request, origin, ex, user)
+        finally:
+            ex.log(self.config.log_format)
 
     async def handle(
         self, request: web.BaseRequest, origin: Origin, ex: Exchange, user: ProxyUser | None = None

@@ -38,7 +38,6 @@ from .connections import (
     raw_response,
 )
 from .destinations import DestinationPolicy, DestinationRefused, host_matches, valid_host_name
-from .exchange import Exchange
 from .metrics import CONTENT_TYPE, Metrics
 from .mirror import MirrorDoor, is_mirror_path
 from .proxy_auth import ProxyAuthenticator
@@ -381,11 +380,7 @@ class ProxyServer:
             )
         path = url.raw_path_qs or "/"
         origin = Origin("http", host, port)
-        ex = Exchange(client, request.method, origin.netloc, path, user=user.name if user else None)
-        try:
-            return await self.registry.handle(request, origin, ex, user)
-        finally:
-            ex.log(self.config.log_format)
+        return await self.registry.serve(request, origin, client, user, path)
 
     async def _own_page(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path

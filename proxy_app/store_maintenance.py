@@ -38,16 +38,22 @@ def file_digest(store: FilesystemBlobStore, digest: str) -> str:
 MANIFEST_SNIFF_LIMIT = 4 << 20
 
 
-def sniff_manifest_type(store: FilesystemBlobStore, digest: str, size: int) -> str | None:
-    """The media type of a stored manifest whose index entry was lost (None for layers and
-    configs), so that manifests stay servable after the index is rebuilt."""
-    if size > MANIFEST_SNIFF_LIMIT:
+def _stored_document(store: FilesystemBlobStore, digest: str, size: int | None) -> dict | None:
+    """A stored blob read as a JSON object (a manifest), or None: too large, not JSON."""
+    if size is None or size > MANIFEST_SNIFF_LIMIT:
         return None
     try:
         document = json.loads(store.path(digest).read_bytes())
     except (ValueError, OSError):
         return None
-    if not isinstance(document, dict) or document.get("schemaVersion") != 2:
+    return document if isinstance(document, dict) else None
+
+
+def sniff_manifest_type(store: FilesystemBlobStore, digest: str, size: int) -> str | None:
+    """The media type of a stored manifest whose index entry was lost (None for layers and
+    configs), so that manifests stay servable after the index is rebuilt."""
+    document = _stored_document(store, digest, size)
+    if document is None or document.get("schemaVersion") != 2:
         return None
     media_type = document.get("mediaType")
     if isinstance(media_type, str) and "manifest" in media_type:
@@ -61,14 +67,8 @@ def sniff_manifest_type(store: FilesystemBlobStore, digest: str, size: int) -> s
 
 def _named_by(store: FilesystemBlobStore, digest: str) -> list[tuple[str, str | None]]:
     """What a stored manifest names: (digest, media type for a manifest, else None)."""
-    size = store.size(digest)
-    if size is None or size > MANIFEST_SNIFF_LIMIT:
-        return []
-    try:
-        document = json.loads(store.path(digest).read_bytes())
-    except (ValueError, OSError):
-        return []
-    if not isinstance(document, dict):
+    document = _stored_document(store, digest, store.size(digest))
+    if document is None:
         return []
     named: list[tuple[str, str | None]] = []
     for entry in document.get("manifests") or []:

@@ -78,9 +78,9 @@ def basic_auth(username: str, password: str) -> str:
 
 
 class UpstreamRefused(Exception):
-    """A mirror request the registry refused to the cache's own credentials (or to none):
-    answered to the client with `status` and `code`, never with a challenge it cannot
-    answer."""
+    """A request whose registry challenge the cache answered itself (a mirror client's, or
+    one the cache holds credentials for) and that the registry still refused: answered to
+    the client with `status` and `code`, never with a challenge it cannot answer."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
@@ -245,22 +245,46 @@ class Upstream:
             response.release()
             if challenge is None or data is not None:
                 raise self._refused(origin, path_and_query, None)
-            headers = CIMultiDict(client_headers)
-            headers.popall("Authorization", None)
-            for _ in range(2):
-                try:
-                    token = await self.tokens.token(challenge, credential)
-                except TokenUnavailable as e:
-                    raise self._refused(origin, path_and_query, f"no token: {e}") from e
-                headers["Authorization"] = f"Bearer {token}"
-                response = await self._send(
-                    method, origin, path_and_query, headers, None, follow_redirects, False, exact
-                )
-                if response.status != 401:
-                    return response
-                response.release()
-                self.tokens.forget(challenge, credential)  # revoked or expired early
-            raise self._refused(origin, path_and_query, "the registry refused its token")
+            return await self._with_token(
+                challenge,
+                credential,
+                method,
+                origin,
+                path_and_query,
+                client_headers,
+                follow_redirects,
+                exact,
+            )
+
+    async def _with_token(
+        self,
+        challenge: Challenge,
+        credential: str,
+        method: str,
+        origin: Origin,
+        path_and_query: str,
+        client_headers: Mapping[str, str],
+        follow_redirects: bool,
+        exact: bool,
+    ) -> aiohttp.ClientResponse:
+        """The request again with a token the cache got for `challenge`; a token the
+        registry refuses is replaced once. Raises UpstreamRefused when none is accepted."""
+        headers = CIMultiDict(client_headers)
+        headers.popall("Authorization", None)
+        for _ in range(2):
+            try:
+                token = await self.tokens.token(challenge, credential)
+            except TokenUnavailable as e:
+                raise self._refused(origin, path_and_query, f"no token: {e}") from e
+            headers["Authorization"] = f"Bearer {token}"
+            response = await self._send(
+                method, origin, path_and_query, headers, None, follow_redirects, False, exact
+            )
+            if response.status != 401:
+                return response
+            response.release()
+            self.tokens.forget(challenge, credential)  # revoked or expired early
+        raise self._refused(origin, path_and_query, "the registry refused its token")
 
     def _realm_credential(self, origin: Origin, challenge: Challenge) -> str:
         """Basic credentials for the token realm: those of the realm's host, else the
