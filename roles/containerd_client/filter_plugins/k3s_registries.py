@@ -1,0 +1,65 @@
+"""Filters that add the cache to k3s's registries.yaml, and take it out again.
+
+k3s's registries.yaml lists mirrors per registry (`mirrors.<name>.endpoint`, tried in
+order before the registry itself) and TLS settings per endpoint host
+(`configs.<host:port>.tls`). The cache goes first in each endpoint list; every other
+endpoint, rewrite, mirror and config of the file stays, so that taking the cache out
+again gives the file back as it was (an entry the cache alone made is dropped).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+
+def _same(endpoint: Any, url: str) -> bool:
+    return isinstance(endpoint, str) and endpoint.rstrip("/") == url.rstrip("/")
+
+
+def with_cache(
+    config: dict[str, Any], registries: list[str], url: str, host: str, ca_file: str
+) -> dict[str, Any]:
+    """The config with the cache first for each registry and its CA for its host."""
+    result = copy.deepcopy(config) if config else {}
+    mirrors = result.setdefault("mirrors", {}) or {}
+    result["mirrors"] = mirrors
+    for name in registries:
+        entry = mirrors.get(name) or {}
+        others = [e for e in entry.get("endpoint") or [] if not _same(e, url)]
+        mirrors[name] = {**entry, "endpoint": [url.rstrip("/"), *others]}
+    configs = result.get("configs") or {}
+    configs[host] = {**(configs.get(host) or {}), "tls": {"ca_file": ca_file}}
+    result["configs"] = configs
+    return result
+
+
+def without_cache(config: dict[str, Any], url: str, host: str) -> dict[str, Any]:
+    """The config with the cache taken out of every endpoint list and its host's config."""
+    result = copy.deepcopy(config) if config else {}
+    mirrors = result.get("mirrors") or {}
+    for name in list(mirrors):
+        entry = mirrors[name] or {}
+        endpoints = entry.get("endpoint") or []
+        if not any(_same(e, url) for e in endpoints):
+            continue
+        left = [e for e in endpoints if not _same(e, url)]
+        rest = {k: v for k, v in entry.items() if k != "endpoint"}
+        if left:
+            mirrors[name] = {**rest, "endpoint": left}
+        elif rest:
+            mirrors[name] = rest
+        else:
+            del mirrors[name]
+    if "mirrors" in result and not mirrors:
+        del result["mirrors"]
+    configs = result.get("configs") or {}
+    configs.pop(host, None)
+    if "configs" in result and not configs:
+        del result["configs"]
+    return result
+
+
+class FilterModule:
+    def filters(self) -> dict[str, Any]:
+        return {"k3s_with_cache": with_cache, "k3s_without_cache": without_cache}
