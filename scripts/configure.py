@@ -8,8 +8,22 @@ default in brackets: an empty answer keeps it. Defaults are the earlier answers 
 files exist, else the roles' defaults. A bad answer is rejected with the reason and asked
 again.
 
+Besides the cache's settings it asks for the client hosts, each list written as an
+inventory group (a host may be in several; the cache host may be one of them):
+  REGISTRY_CACHE_CLIENTS             docker_clients      Docker hosts (default: the cache host)
+  REGISTRY_CACHE_CONTAINERD_CLIENTS  containerd_clients  containerd / Kubernetes nodes that
+                                                         pull through the cache as a registry
+                                                         mirror (default: none)
+  REGISTRY_CACHE_PODMAN_CLIENTS      podman_clients      podman, buildah, skopeo, CRI-O hosts
+                                                         (default: none)
+and how the Docker hosts use the cache, REGISTRY_CACHE_DOCKER_MODE: proxy (the default: an
+HTTP(S) proxy for every registry) or mirror (a registry mirror), written as the variable
+docker_client_mode.
+
 Writes:
-  inventory/hosts.yml                      the groups registry_cache and docker_clients
+  inventory/hosts.yml                      the groups registry_cache, docker_clients,
+                                           containerd_clients and podman_clients (written
+                                           also when empty)
   inventory/group_vars/all/vars.yml        the settings (not secret)
   inventory/group_vars/all/secrets.yml     registry credentials, and the parent proxy URL
                                            when it holds user:password@: mode 0600,
@@ -53,6 +67,15 @@ DEFAULT_ALLOWED_CLIENTS = (
     "127.0.0.0/8 ::1/128 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 100.64.0.0/10 fc00::/7"
 )
 HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# The client host lists: the question, and the inventory group its hosts are written to.
+CLIENT_GROUPS = {
+    "REGISTRY_CACHE_CLIENTS": "docker_clients",
+    "REGISTRY_CACHE_CONTAINERD_CLIENTS": "containerd_clients",
+    "REGISTRY_CACHE_PODMAN_CLIENTS": "podman_clients",
+}
+# Answers written as a variable of another name than the question's, lower-cased.
+VARIABLE_NAMES = {"REGISTRY_CACHE_DOCKER_MODE": "docker_client_mode"}
+QUESTION_NAMES = {var: env for env, var in VARIABLE_NAMES.items()}
 # A URL's scheme, its user information (before the first @ of the authority), the rest.
 USERINFO_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/@\s]*)@(.*)", re.S)
 
@@ -169,6 +192,23 @@ def v_ca_source(text: str) -> str:
     if t not in {"inventory", "url"}:
         raise Invalid(f"{text!r} is neither inventory nor url")
     return t
+
+
+def v_docker_mode(text: str) -> str:
+    t = text.strip().lower()
+    if t not in {"proxy", "mirror"}:
+        raise Invalid(f"{text!r} is neither proxy nor mirror")
+    return t
+
+
+def variable_name(env: str) -> str:
+    """The inventory variable an answer is written to."""
+    return VARIABLE_NAMES.get(env, env.lower())
+
+
+def question_name(variable: str) -> str:
+    """The question an inventory variable answers."""
+    return QUESTION_NAMES.get(variable.lower(), variable.upper())
 
 
 # --- the questions ---------------------------------------------------------------------------
@@ -344,11 +384,15 @@ def earlier_answers(inv: Path, secret: Any) -> Earlier:
     hosts = load_yaml(inv / "hosts.yml")
     children = (hosts.get("all") or {}).get("children") or {}
     cache_hosts = (children.get("registry_cache") or {}).get("hosts") or {}
-    client_hosts = (children.get("docker_clients") or {}).get("hosts") or {}
+    client_hosts = {
+        env: (children.get(group) or {}).get("hosts") or {} for env, group in CLIENT_GROUPS.items()
+    }
+    # A host in several groups: its variables from each, the later group's winning (as in
+    # Ansible, which reads the groups in this order).
     host_vars: dict[str, Any] = {}
-    for group in (cache_hosts, client_hosts):
+    for group in (cache_hosts, *client_hosts.values()):
         for name, hvars in group.items():
-            host_vars.setdefault(str(name), dict(hvars or {}))
+            host_vars.setdefault(str(name), {}).update(hvars or {})
     found: dict[str, Any] = {}
     if cache_hosts:
         first = next(iter(cache_hosts))
@@ -357,13 +401,14 @@ def earlier_answers(inv: Path, secret: Any) -> Earlier:
             "registry_cache_address", str(first)
         )
     if hosts:
-        found["REGISTRY_CACHE_CLIENTS"] = [str(h) for h in client_hosts]
+        for env, members in client_hosts.items():
+            found[env] = [str(h) for h in members]
     variables = load_yaml(inv / "group_vars" / "all" / "vars.yml")
     for key, value in variables.items():
-        found[key.upper()] = value
+        found[question_name(key)] = value
     secrets, readable = read_secrets(inv / "group_vars" / "all" / "secrets.yml", secret)
     for key, value in secrets.items():
-        found[key.upper()] = value
+        found[question_name(key)] = value
     return Earlier(found, host_vars, hosts, variables, secrets, readable)
 
 
@@ -481,14 +526,34 @@ def main(argv: list[str] | None = None) -> int:
             str(earlier_address or host),
         )
     )
-    clients = p.ask(
-        Question(
-            "REGISTRY_CACHE_CLIENTS",
-            "The Docker hosts that pull through the cache (space-separated; 'none' for none).",
-            v_hosts,
-            default("REGISTRY_CACHE_CLIENTS", host),
-        )
-    )
+    clients = {
+        "REGISTRY_CACHE_CLIENTS": p.ask(
+            Question(
+                "REGISTRY_CACHE_CLIENTS",
+                "The Docker hosts that pull through the cache (space-separated; 'none' for none).",
+                v_hosts,
+                default("REGISTRY_CACHE_CLIENTS", host),
+            )
+        ),
+        "REGISTRY_CACHE_CONTAINERD_CLIENTS": p.ask(
+            Question(
+                "REGISTRY_CACHE_CONTAINERD_CLIENTS",
+                "The containerd / Kubernetes nodes that pull through the cache as a registry"
+                " mirror (space-separated; 'none' for none).",
+                v_hosts,
+                default("REGISTRY_CACHE_CONTAINERD_CLIENTS", "none"),
+            )
+        ),
+        "REGISTRY_CACHE_PODMAN_CLIENTS": p.ask(
+            Question(
+                "REGISTRY_CACHE_PODMAN_CLIENTS",
+                "The podman / buildah / skopeo / CRI-O hosts that pull through the cache"
+                " (space-separated; 'none' for none).",
+                v_hosts,
+                default("REGISTRY_CACHE_PODMAN_CLIENTS", "none"),
+            )
+        ),
+    }
     answers: dict[str, Any] = {}
     settings = [
         ("REGISTRY_CACHE_PORT", "The cache's TCP port.", v_port, "3128"),
@@ -540,6 +605,13 @@ def main(argv: list[str] | None = None) -> int:
             v_ca_source,
             "inventory",
         ),
+        (
+            "REGISTRY_CACHE_DOCKER_MODE",
+            "How Docker hosts use the cache: proxy (an HTTP(S) proxy for every registry) or"
+            " mirror (a registry mirror).",
+            v_docker_mode,
+            "proxy",
+        ),
     ]
     for env, prompt, validate, fallback in settings:
         answers[env] = p.ask(Question(env, prompt, validate, default(env, fallback)))
@@ -590,9 +662,14 @@ def main(argv: list[str] | None = None) -> int:
     inventory = dict(before.hosts)
     everyone = dict(inventory.get("all") or {})
     children = dict(everyone.get("children") or {})
+    # The client groups are written also when empty: a play on one then matches no hosts
+    # (without Ansible's warning for a pattern that names no group).
     for group, members in (
         ("registry_cache", {host: hvars(host, True) or None}),
-        ("docker_clients", {c: hvars(c, False) or None for c in clients}),
+        *(
+            (group, {c: hvars(c, False) or None for c in clients[env]})
+            for env, group in CLIENT_GROUPS.items()
+        ),
     ):
         children[group] = {**(children.get(group) or {}), "hosts": members}
     everyone["children"] = children
@@ -603,10 +680,10 @@ def main(argv: list[str] | None = None) -> int:
     upstream_proxy = answers["REGISTRY_CACHE_UPSTREAM_PROXY"]
     proxy_is_secret = has_userinfo(upstream_proxy)
     asked = {*answers, "REGISTRY_CACHE_AUTH_REGISTRIES"}
-    variables = {k: v for k, v in before.variables.items() if k.upper() not in asked}
+    variables = {k: v for k, v in before.variables.items() if question_name(k) not in asked}
     variables.update(
         {
-            env.lower(): value
+            variable_name(env): value
             for env, value in answers.items()
             if not (env == "REGISTRY_CACHE_UPSTREAM_PROXY" and proxy_is_secret)
         }

@@ -25,6 +25,8 @@ QUESTION_ORDER = [
     "REGISTRY_CACHE_HOST",
     "REGISTRY_CACHE_ADDRESS",
     "REGISTRY_CACHE_CLIENTS",
+    "REGISTRY_CACHE_CONTAINERD_CLIENTS",
+    "REGISTRY_CACHE_PODMAN_CLIENTS",
     "REGISTRY_CACHE_PORT",
     "REGISTRY_CACHE_DIR",
     "REGISTRY_CACHE_MAX_SIZE",
@@ -35,6 +37,7 @@ QUESTION_ORDER = [
     "REGISTRY_CACHE_UPSTREAM_PROXY",
     "DOCKER_CLIENTS_SERIAL",
     "DOCKER_CLIENT_CA_SOURCE",
+    "REGISTRY_CACHE_DOCKER_MODE",
     "REGISTRY_CACHE_AUTH_REGISTRIES",
 ]
 
@@ -102,6 +105,9 @@ FULL_ENV = {
     "REGISTRY_CACHE_HOST": "cache1.example.net",
     "REGISTRY_CACHE_ADDRESS": "10.1.2.3",
     "REGISTRY_CACHE_CLIENTS": "docker1 docker2 docker3",
+    # A host may be in several client groups, the cache host too.
+    "REGISTRY_CACHE_CONTAINERD_CLIENTS": "k8s1 k8s2 docker1",
+    "REGISTRY_CACHE_PODMAN_CLIENTS": "build1 cache1.example.net",
     "REGISTRY_CACHE_PORT": "3130",
     "REGISTRY_CACHE_DIR": "/srv/registry-cache",
     "REGISTRY_CACHE_MAX_SIZE": "200g",
@@ -112,6 +118,7 @@ FULL_ENV = {
     "REGISTRY_CACHE_UPSTREAM_PROXY": "none",
     "DOCKER_CLIENTS_SERIAL": "2",
     "DOCKER_CLIENT_CA_SOURCE": "url",
+    "REGISTRY_CACHE_DOCKER_MODE": "mirror",
     "REGISTRY_CACHE_AUTH_REGISTRIES": "auth.docker.io:hubuser:s3cr:et ghcr.io:me:ghp_tok",
 }
 
@@ -155,6 +162,8 @@ def test_interactive_answers_with_a_bad_one_asked_again(checkout: Path) -> None:
         "REGISTRY_CACHE_HOST": "cachebox",
         "REGISTRY_CACHE_ADDRESS": "",  # default: the host
         "REGISTRY_CACHE_CLIENTS": "web1 web2",
+        "REGISTRY_CACHE_CONTAINERD_CLIENTS": "",  # default: none
+        "REGISTRY_CACHE_PODMAN_CLIENTS": "web2 cachebox",
         "REGISTRY_CACHE_PORT": "3128",
         "REGISTRY_CACHE_DIR": "",
         "REGISTRY_CACHE_MAX_SIZE": "64g",
@@ -165,6 +174,7 @@ def test_interactive_answers_with_a_bad_one_asked_again(checkout: Path) -> None:
         "REGISTRY_CACHE_UPSTREAM_PROXY": "",
         "DOCKER_CLIENTS_SERIAL": "",
         "DOCKER_CLIENT_CA_SOURCE": "",
+        "REGISTRY_CACHE_DOCKER_MODE": "",  # default: proxy
         # a malformed entry (no password) first, then a good one
         "REGISTRY_CACHE_AUTH_REGISTRIES": "quay.io:robot\nquay.io:robot:pa55word",
     }
@@ -181,6 +191,10 @@ def test_interactive_answers_with_a_bad_one_asked_again(checkout: Path) -> None:
     inv = inventory(checkout)
     assert inv["registry_cache"]["hosts"] == ["cachebox"]
     assert inv["docker_clients"]["hosts"] == ["web1", "web2"]
+    assert "containerd_clients" in inv["all"]["children"]  # written, without hosts
+    assert "hosts" not in inv.get("containerd_clients", {})
+    assert inv["podman_clients"]["hosts"] == ["web2", "cachebox"]
+    assert inv["_meta"]["hostvars"]["web1"]["docker_client_mode"] == "proxy"
     cache = inv["_meta"]["hostvars"]["cachebox"]
     assert "registry_cache_address" not in cache
     assert cache["registry_cache_max_size"] == "64g"
@@ -203,6 +217,55 @@ def test_interactive_answers_with_a_bad_one_asked_again(checkout: Path) -> None:
     assert "[64g]" in again.stdout and "[web1 web2]" in again.stdout
     assert "pa55word" not in again.stdout
     assert inventory(checkout) == before
+
+
+def test_client_groups_and_docker_mode(checkout: Path) -> None:
+    """The containerd and podman hosts become groups of their own beside docker_clients (a
+    host may be in several, the cache host too), the Docker mode the docker clients'
+    docker_client_mode; a re-run offers them as its defaults."""
+    result = make_config(checkout, clean_env(**FULL_ENV))
+    assert result.returncode == 0, result.stdout + result.stderr
+    inv = inventory(checkout)
+    assert inv["docker_clients"]["hosts"] == ["docker1", "docker2", "docker3"]
+    assert inv["containerd_clients"]["hosts"] == ["k8s1", "k8s2", "docker1"]
+    assert inv["podman_clients"]["hosts"] == ["build1", "cache1.example.net"]
+    assert inv["registry_cache"]["hosts"] == ["cache1.example.net"]
+    hostvars = inv["_meta"]["hostvars"]
+    for name in inv["docker_clients"]["hosts"]:
+        assert hostvars[name]["docker_client_mode"] == "mirror", name
+    # The cache host, also a podman client, keeps its address.
+    assert hostvars["cache1.example.net"]["registry_cache_address"] == "10.1.2.3"
+
+    # Asked again, the earlier answers are the defaults, and kept.
+    new = ("REGISTRY_CACHE_CONTAINERD_CLIENTS", "REGISTRY_CACHE_PODMAN_CLIENTS")
+    env = {k: v for k, v in FULL_ENV.items() if k not in (*new, "REGISTRY_CACHE_DOCKER_MODE")}
+    again = make_config(checkout, clean_env(**env), "\n\n\n")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "end of input" not in again.stdout
+    assert "REGISTRY_CACHE_CONTAINERD_CLIENTS [k8s1 k8s2 docker1]: " in again.stdout
+    assert "REGISTRY_CACHE_PODMAN_CLIENTS [build1 cache1.example.net]: " in again.stdout
+    assert "REGISTRY_CACHE_DOCKER_MODE [mirror]: " in again.stdout
+    assert inventory(checkout) == inv
+
+    # 'none' empties a group, which stays in the inventory (a play on it matches no hosts).
+    cleared = dict(
+        FULL_ENV, REGISTRY_CACHE_PODMAN_CLIENTS="none", REGISTRY_CACHE_DOCKER_MODE="proxy"
+    )
+    assert make_config(checkout, clean_env(**cleared)).returncode == 0
+    inv = inventory(checkout)
+    assert "podman_clients" in inv["all"]["children"]
+    assert "hosts" not in inv.get("podman_clients", {})
+    assert inv["containerd_clients"]["hosts"] == ["k8s1", "k8s2", "docker1"]
+    assert inv["_meta"]["hostvars"]["docker2"]["docker_client_mode"] == "proxy"
+
+
+def test_a_bad_docker_mode_stops_with_the_allowed_values(checkout: Path) -> None:
+    result = make_config(checkout, clean_env(**dict(FULL_ENV, REGISTRY_CACHE_DOCKER_MODE="bridge")))
+    assert result.returncode != 0
+    assert "REGISTRY_CACHE_DOCKER_MODE" in result.stderr
+    assert "'bridge' is neither proxy nor mirror" in result.stderr
+    assert not (checkout / "inventory/hosts.yml").exists()
+    assert not (checkout / "inventory/group_vars/all").exists()
 
 
 def test_bad_size_is_asked_again(checkout: Path) -> None:
