@@ -38,8 +38,8 @@ run: venv
 	bash scripts/run-dev.sh $(CONFIG)
 
 lint: venv
-	$(BIN)/ruff check proxy_app tests scripts molecule bench
-	$(BIN)/ruff format --check proxy_app tests scripts molecule bench
+	$(BIN)/ruff check proxy_app tests scripts molecule bench roles
+	$(BIN)/ruff format --check proxy_app tests scripts molecule bench roles
 	$(BIN)/mypy proxy_app
 	$(BIN)/yamllint -s .
 	$(BIN)/ansible-lint --profile production

@@ -2,7 +2,8 @@
 # Builds the local test images of DESIGN.md (nothing can be pulled from a public registry):
 #   registry-cache-test/debian-systemd:bookworm  Debian with systemd, Python, curl, openssl,
 #                                                docker-registry, nginx, skopeo, htpasswd, make
-#   registry-cache-test/debian-docker:bookworm   the same plus Debian's docker.io
+#   registry-cache-test/debian-docker:bookworm   the same plus Debian's docker.io (with its
+#                                                containerd) and podman: every client runtime
 # One debootstrap; the Docker variant is that tree plus docker.io, installed in a chroot (from
 # the host's network, so the build needs no container networking). Each image carries a label
 # with the hash of this script; an image whose label matches is reused, not rebuilt.
@@ -21,7 +22,7 @@ base_packages=(
   make git sudo less
   docker-registry skopeo apache2-utils nginx-light
 )
-docker_packages=(docker.io)
+docker_packages=(docker.io podman)
 
 inputs=$( { cat "$0"; echo "$SUITE $MIRROR"; } | sha256sum | cut -c1-16)
 label_of() { docker image inspect -f "{{index .Config.Labels \"$LABEL\"}}" "$1" 2>/dev/null || true; }

@@ -18,6 +18,11 @@ from testinfra.host import Host
 UPSTREAM = "rc-upstream"
 CACHE = "rc-cache"
 CLIENTS = ("rc-client1", "rc-client2")
+# The mirror clients: Docker in mirror mode, containerd, podman.
+DOCKER_MIRROR = "rc-mirror"
+CONTAINERD = "rc-containerd"
+PODMAN = "rc-podman"
+MIRROR_URL = "https://rc-cache:3128"
 REGISTRY = "registry.example.test"
 CACHE_PORT = 3128
 CACHE_USER = "registry-cache"
@@ -95,6 +100,36 @@ def requests_total(cache: Host, kind: str, result: str) -> float:
         and dict(labels).get("kind") == kind
         and dict(labels).get("result", "").lower() == result.lower()
     )
+
+
+@pytest.fixture(scope="session")
+def docker_mirror() -> Host:
+    return get(DOCKER_MIRROR)
+
+
+@pytest.fixture(scope="session")
+def containerd() -> Host:
+    return get(CONTAINERD)
+
+
+@pytest.fixture(scope="session")
+def podman() -> Host:
+    return get(PODMAN)
+
+
+ACCESS_RE = re.compile(
+    r"registry_cache\.access: (?P<client>\S+) (?P<user>\S+) (?P<method>\S+) (?P<url>\S+) "
+    r"(?P<status>\d{3}) (?P<result>\S+) (?P<bytes>\d+) \S+s (?P<door>\S+)"
+)
+
+
+def mirror_log(cache: Host, client: Host) -> list[dict[str, str]]:
+    """The cache's access-log entries of mirror requests (door `mirror`) from a client:
+    client, user, method, url (registry and path), status, result, bytes, door."""
+    address = ipv4(client)
+    text = ok(cache, "journalctl -u registry-cache.service -o cat --no-pager")
+    entries = [m.groupdict() for m in map(ACCESS_RE.search, text.splitlines()) if m]
+    return [e for e in entries if e["client"] == address and e["door"] == "mirror"]
 
 
 @dataclass

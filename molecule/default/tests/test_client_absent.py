@@ -9,6 +9,7 @@ from conftest import (
     DROP_IN,
     REGISTRY,
     docker_clean,
+    get,
     ipv4,
     leaf_via_cache,
     ok,
@@ -54,3 +55,14 @@ def test_pulls_directly(cache: Host, upstream: Host, client2: Host) -> None:
     assert any(r.uri.startswith(f"/v2/{DIRECT}/blobs/") and r.status == 200 for r in mine)
     served = requests_total(cache, "blob", "HIT") + requests_total(cache, "blob", "MISS")
     assert served == served_before, "the cache served a blob to a client that left it"
+
+
+# --- the mirror clients after state: absent ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["rc-mirror", "rc-containerd", "rc-podman"])
+def test_mirror_client_left_as_it_was(name: str) -> None:
+    """Every file a client role may touch is as it was before converge (rc-snapshot)."""
+    host = get(name)
+    before = host.file("/root/rc-snapshot.before").content_string
+    assert ok(host, "rc-snapshot") == before

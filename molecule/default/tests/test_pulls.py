@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from conftest import (
     CACHE_DIR,
-    CLIENTS,
     PUSH_REFUSED,
     REGISTRY,
     blob_requests,
@@ -111,8 +110,14 @@ def test_push_through_the_cache_is_refused(cache: Host, upstream: Host, client1:
 
 
 def test_clients_never_reached_the_upstream_directly(
-    upstream: Host, client1: Host, client2: Host
+    upstream: Host,
+    client1: Host,
+    client2: Host,
+    docker_mirror: Host,
+    containerd: Host,
+    podman: Host,
 ) -> None:
-    client_ips = {ipv4(client1), ipv4(client2)}
-    assert len(client_ips) == len(CLIENTS)
+    hosts = (client1, client2, docker_mirror, containerd, podman)
+    client_ips = {ipv4(host) for host in hosts}
+    assert len(client_ips) == len(hosts)
     assert not [r for r in upstream_log(upstream) if r.client in client_ips]
