@@ -29,13 +29,15 @@ def with_cache(
         others = [e for e in entry.get("endpoint") or [] if not _same(e, url)]
         mirrors[name] = {**entry, "endpoint": [url.rstrip("/"), *others]}
     configs = result.get("configs") or {}
-    configs[host] = {**(configs.get(host) or {}), "tls": {"ca_file": ca_file}}
+    entry = configs.get(host) or {}
+    configs[host] = {**entry, "tls": {**(entry.get("tls") or {}), "ca_file": ca_file}}
     result["configs"] = configs
     return result
 
 
-def without_cache(config: dict[str, Any], url: str, host: str) -> dict[str, Any]:
-    """The config with the cache taken out of every endpoint list and its host's config."""
+def without_cache(config: dict[str, Any], url: str, host: str, ca_file: str) -> dict[str, Any]:
+    """The config with the cache taken out of every endpoint list, and the CA file it
+    named for the cache's host (other settings of that host stay)."""
     result = copy.deepcopy(config) if config else {}
     mirrors = result.get("mirrors") or {}
     for name in list(mirrors):
@@ -54,7 +56,16 @@ def without_cache(config: dict[str, Any], url: str, host: str) -> dict[str, Any]
     if "mirrors" in result and not mirrors:
         del result["mirrors"]
     configs = result.get("configs") or {}
-    configs.pop(host, None)
+    entry = configs.get(host)
+    if isinstance(entry, dict) and (entry.get("tls") or {}).get("ca_file") == ca_file:
+        tls = {k: v for k, v in entry["tls"].items() if k != "ca_file"}
+        rest = {k: v for k, v in entry.items() if k != "tls"}
+        if tls:
+            rest["tls"] = tls
+        if rest:
+            configs[host] = rest
+        else:
+            del configs[host]
     if "configs" in result and not configs:
         del result["configs"]
     return result
