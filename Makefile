@@ -7,10 +7,11 @@ BIN := $(VENV)/bin
 CONFIG ?= run/config.yml
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help deps venv config install run test unit integration lint molecule bench clean
+.PHONY: help deps venv config install uninstall run test unit integration lint molecule bench clean
 
 help:
 	@echo "make install    set up this host as a registry cache and as its Docker client"
+	@echo "make uninstall  take that away again (the cache data and CA stay)"
 	@echo "make config     ask for the inventory variables, write inventory/"
 	@echo "make run        run the proxy in the foreground with $(CONFIG)"
 	@echo "make test       every test: lint, unit + integration, Molecule"
@@ -34,6 +35,9 @@ config: venv
 install:
 	bash scripts/install-local.sh
 
+uninstall:
+	bash scripts/install-local.sh --uninstall
+
 run: venv
 	bash scripts/run-dev.sh $(CONFIG)
 
@@ -54,6 +58,7 @@ molecule: deps venv
 	bash scripts/ensure-dockerd.sh
 	bash molecule/images/build.sh
 	cd $(CURDIR) && $(BIN)/molecule test --all
+	bash molecule/run-distro.sh trixie
 
 test: deps venv lint
 	$(BIN)/pytest tests

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # make install: this host becomes the registry cache and its own Docker client
-# (playbooks/local.yml). Needs root, systemd, Docker Engine and Python >= 3.11.
+# (playbooks/local.yml). Needs root, systemd and Python >= 3.11; without a Docker Engine
+# the playbook installs Debian's docker.io (docker_client_install_docker).
+# make uninstall (--uninstall): takes that away again (playbooks/uninstall-local.yml).
 #
 # It makes its own venv with ansible-core (.venv-install; the project's .venv
 # when that already has Ansible) and runs the playbook against localhost. A
@@ -23,8 +25,13 @@ die() { say "$*"; exit 1; }
 
 [[ $(id -u) == 0 ]] || die "run as root (sudo make install): it installs a system service"
 [[ -d /run/systemd/system ]] || die "this host does not run systemd"
-systemctl cat docker.service >/dev/null 2>&1 ||
-  die "Docker Engine is not installed (no docker.service); install it first (apt-get install docker.io)"
+playbook=playbooks/local.yml
+if [[ ${1:-} == --uninstall ]]; then
+  shift
+  playbook=playbooks/uninstall-local.yml
+elif ! systemctl cat docker.service >/dev/null 2>&1; then
+  say "no Docker Engine here (no docker.service): the playbook installs Debian's docker.io"
+fi
 
 wheelhouse=${REGISTRY_CACHE_WHEELHOUSE:-}
 if [[ -n $wheelhouse ]]; then
@@ -70,5 +77,5 @@ fi
 export ANSIBLE_CONFIG=$repo/ansible.cfg
 export ANSIBLE_LOCALHOST_WARNING=false
 export ANSIBLE_INVENTORY_UNPARSED_WARNING=false
-say "running playbooks/local.yml"
-exec "$venv/bin/ansible-playbook" playbooks/local.yml "${args[@]}" "$@"
+say "running $playbook"
+exec "$venv/bin/ansible-playbook" "$playbook" "${args[@]}" "$@"
