@@ -4,10 +4,13 @@
 #                                                docker-registry, nginx, skopeo, htpasswd, make
 #   registry-cache-test/debian-docker:bookworm   the same plus Debian's docker.io (with its
 #                                                containerd) and podman: every client runtime
+#   .build/docker-repo-<suite>/                  a flat apt repository of docker.io and what it
+#                                                needs beyond the base image
 # One debootstrap; the Docker variant is that tree plus docker.io, installed in a chroot (from
 # the host's network, so the build needs no container networking). Each image carries a label
 # with the hash of this script; an image whose label matches is reused, not rebuilt.
-# Env: SUITE (bookworm), MIRROR (deb.debian.org), FORCE=1 rebuilds.
+# Env: SUITE (bookworm; trixie for Debian 13, as MOLECULE_DISTRO picks), MIRROR
+# (deb.debian.org), FORCE=1 rebuilds.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 SUITE=${SUITE:-bookworm}
@@ -22,12 +25,16 @@ base_packages=(
   make git sudo less
   docker-registry skopeo apache2-utils nginx-light
 )
-docker_packages=(docker.io podman)
+engine_packages=(docker.io)
+# Debian 13 moved the docker command out of docker.io, into docker-cli.
+[[ $SUITE == bookworm ]] || engine_packages+=(docker-cli)
+docker_packages=("${engine_packages[@]}" podman)
 
 inputs=$( { cat "$0"; echo "$SUITE $MIRROR"; } | sha256sum | cut -c1-16)
 label_of() { docker image inspect -f "{{index .Config.Labels \"$LABEL\"}}" "$1" 2>/dev/null || true; }
 
-if [[ -z ${FORCE:-} && $(label_of "$BASE_IMAGE") == "$inputs" && $(label_of "$DOCKER_IMAGE") == "$inputs" ]]; then
+if [[ -z ${FORCE:-} && $(label_of "$BASE_IMAGE") == "$inputs" && $(label_of "$DOCKER_IMAGE") == "$inputs" &&
+  -s $build_dir/docker-repo-$SUITE/Packages ]]; then
   echo "images: $BASE_IMAGE and $DOCKER_IMAGE are up to date (inputs $inputs)"
   exit 0
 fi
@@ -113,7 +120,29 @@ import "$BASE_IMAGE"
 
 echo "images: adding ${docker_packages[*]}"
 chroot_up
+# The .debs docker.io needs beyond the base image: for a local apt repository, the package
+# index of a host with systemd but no Docker that must install docker.io offline
+# (molecule/local's rc-local-bare).
+# (A simulated install lists them: --print-uris leaves out those already in the .deb cache.)
+docker_debs=$(in_root apt-get install -s -qq --no-install-recommends "${engine_packages[@]}" |
+  awk '$1 == "Inst" { v = substr($3, 2); sub(/:/, "%3a", v); a = $NF; gsub(/[][)]/, "", a); print $2 "_" v "_" a ".deb" }')
 install "${docker_packages[@]}"
 chroot_down
 import "$DOCKER_IMAGE"
+
+repo=$build_dir/docker-repo-$SUITE
+rm -rf "$repo"
+mkdir -p "$repo"
+for deb in $docker_debs; do ln -f "$build_dir/debs/$deb" "$repo/" || { echo "images: $deb is not in the .deb cache" >&2; exit 1; }; done
+(
+  cd "$repo"
+  for deb in *.deb; do
+    dpkg-deb -f "$deb"
+    echo "Filename: ./$deb"
+    echo "Size: $(stat -c %s "$deb")"
+    echo "SHA256: $(sha256sum "$deb" | cut -d' ' -f1)"
+    echo
+  done >Packages
+)
+echo "images: docker.io's apt repository in $repo ($(ls "$repo" | grep -c '\.deb$') packages)"
 echo "images: done in $((SECONDS - start)) s"

@@ -1,4 +1,5 @@
-"""After `make install` on rc-local: the cache runs there, the local Docker pulls through it.
+"""After `make install` on rc-local (with Docker) and rc-local-bare (without: make install
+installed Debian's docker.io): the cache runs there, the local Docker pulls through it.
 
 (Molecule's idempotence step already ran `make install` a second time and found nothing
 changed.) Instances as in ../molecule.yml, reached with `docker exec`.
@@ -18,9 +19,12 @@ PROXY_URL = "http://127.0.0.1:3128"
 IMAGE = "public/app"
 
 
-@pytest.fixture(scope="module")
-def local() -> Host:
-    return testinfra.get_host("docker://rc-local")
+HOSTS = ("rc-local", "rc-local-bare")
+
+
+@pytest.fixture(scope="module", params=HOSTS)
+def local(request: pytest.FixtureRequest) -> Host:
+    return testinfra.get_host(f"docker://{request.param}")
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +92,16 @@ def test_docker_pull_goes_through_the_cache(local: Host, registry: Host) -> None
         IMAGE,
     )
     assert ref.strip().split("@")[1] in head
+
+
+def test_docker_io_installed_where_there_was_none() -> None:
+    bare = testinfra.get_host("docker://rc-local-bare")
+    assert bare.package("docker.io").is_installed
+    assert bare.service("docker").is_enabled
+
+
+def test_make_install_ran_the_oldest_supported_ansible_core(local: Host) -> None:
+    """The wheelhouse holds ansible-core 2.16 only (molecule/local/prepare.yml): the
+    minimum the README and the roles' meta state is the one make install ran."""
+    version = ok(local, "/root/registry-cache/.venv-install/bin/ansible --version")
+    assert version.splitlines()[0].startswith("ansible [core 2.16."), version
