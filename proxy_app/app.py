@@ -132,11 +132,28 @@ class RegistryCacheApp:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
+def quiet_tls_disconnects(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's exception handler. A client that goes away while TLS still has
+    bytes for it makes the loop's TLS protocol report "Fatal error on SSL protocol" (uvloop
+    with a RuntimeError on the closed handle, asyncio with a ConnectionError): a client
+    leaving, not a fault of the cache, so one debug line, no traceback at ERROR. Anything
+    else goes to the loop's default handler, traceback included."""
+    error = context.get("exception")
+    leaving = isinstance(error, ConnectionError) or (
+        isinstance(error, RuntimeError) and "handler is closed" in str(error)
+    )
+    if str(context.get("message", "")).startswith("Fatal error on SSL") and leaving:
+        log.debug("a client left while its TLS connection was written to: %s", error)
+        return
+    loop.default_exception_handler(context)
+
+
 async def serve(config: Config) -> None:
     app = RegistryCacheApp(config)
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(quiet_tls_disconnects)
     await app.start()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
