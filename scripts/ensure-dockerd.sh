@@ -15,6 +15,16 @@ command -v dockerd >/dev/null || {
   exit 1
 }
 
+# dockerd uses the containerd at /run/containerd/containerd.sock whenever that socket
+# exists, and waits for it to answer: a socket left by a containerd that has gone makes
+# it fail after a minute of retries. Nothing answers on a stale socket, so it can go.
+SYSTEM_CONTAINERD=/run/containerd/containerd.sock
+if [[ -S $SYSTEM_CONTAINERD ]] && command -v ctr >/dev/null &&
+  ! timeout 10 ctr --address "$SYSTEM_CONTAINERD" version >/dev/null 2>&1; then
+  echo "ensure-dockerd: no containerd answers on $SYSTEM_CONTAINERD; removing the stale socket"
+  rm -f "$SYSTEM_CONTAINERD" "$SYSTEM_CONTAINERD.ttrpc"
+fi
+
 # A booted systemd can start the packaged service; use it when it is there.
 if [[ -d /run/systemd/system ]] && systemctl start docker >/dev/null 2>&1; then
   :

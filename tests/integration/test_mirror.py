@@ -473,10 +473,16 @@ class Dockerd:
                 ["ip", "link", "set", BRIDGE, "up"],
             ):
                 subprocess.run(cmd, check=True, capture_output=True)
+        # A containerd of its own too: left to itself, dockerd uses whatever socket is at
+        # /run/containerd/containerd.sock, and a stale one there (a containerd that has
+        # gone) made it wait for a daemon that never answers.
+        self.containerd = Containerd(self.dir / "containerd")
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
         self.proc = subprocess.Popen(
             [
                 "dockerd",
+                "--containerd",
+                str(self.containerd.socket),
                 "--data-root",
                 str(self.dir / "root"),
                 "--exec-root",
@@ -516,6 +522,7 @@ class Dockerd:
 
     def stop(self) -> None:
         stop_process(self.proc, grace=20)
+        self.containerd.stop()
         # What the engine mounted under its data root is gone with it; then the files.
         subprocess.run(["umount", "-R", str(self.dir / "root")], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
