@@ -93,13 +93,16 @@ def test_containerd_hosts_toml(containerd: Host) -> None:
         assert hosts.get("server") == server
         host = hosts["host"][MIRROR_URL]
         assert host["capabilities"] == ["pull", "resolve"]
-        assert host["ca"] == ["/etc/containerd/registry-cache/ca.crt"]
+        assert host["ca"] == "/etc/containerd/registry-cache/bundle.crt"
 
 
 def test_containerd_ca_is_the_caches(cache: Host, containerd: Host) -> None:
     ca = containerd.file("/etc/containerd/registry-cache/ca.crt")
     assert ca.content_string == cache_ca(cache)
     assert ca.mode == 0o644
+    # outside a rotation the bundle hosts.toml names holds that one CA
+    bundle = containerd.file("/etc/containerd/registry-cache/bundle.crt")
+    assert bundle.content_string == cache_ca(cache)
     assert not containerd.file(CLIENT_CA).exists
 
 
