@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .tag_policy import DOCKER_HUB_ALIASES, TagRule
+
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "REGISTRY_CACHE_"
@@ -105,6 +107,7 @@ class Config:
     mirror_default_registry: str = "docker.io"
     # Names on the mirror's own TLS certificate; empty: the host's (default_mirror_names).
     mirror_names: tuple[str, ...] = ()
+    tag_rules: tuple[TagRule, ...] = ()
     # True when `listen` was not configured: a missing IPv6 stack then is not an error.
     listen_is_default: bool = True
 
@@ -340,6 +343,40 @@ def parse_users(value: Any) -> tuple[ProxyUser, ...]:
     return tuple(users)
 
 
+_RULE_EXAMPLE = '{match: "docker.io/library/*:latest", ttl: 1m}'
+
+
+def parse_tag_rules(value: Any) -> tuple[TagRule, ...]:
+    """`[{match: "registry/repo-glob:tag-glob", ttl: 1m}, ...]` (tag_policy.py)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"expected a list of rules such as {_RULE_EXAMPLE}")
+    rules = []
+    for i, item in enumerate(value, start=1):
+        if not isinstance(item, Mapping) or set(item) != {"match", "ttl"}:
+            raise ConfigError(f"rule {i} must have exactly match and ttl, such as {_RULE_EXAMPLE}")
+        match = item["match"]
+        if not isinstance(match, str) or not match.strip() or any(c.isspace() for c in match):
+            raise ConfigError(
+                f"rule {i}: match must be a glob without spaces, such as registry.internal/*"
+            )
+        if "@" in match:
+            raise ConfigError(
+                f"rule {i}: {match!r} names a digest; digests never change and follow no rule"
+            )
+        try:
+            ttl = parse_duration(item["ttl"])
+        except ConfigError as e:
+            raise ConfigError(f"rule {i} ({match}): ttl {e}") from None
+        host, slash, rest = match.partition("/")
+        host = host.lower()
+        if host in DOCKER_HUB_ALIASES:
+            host = "docker.io"
+        rules.append(TagRule(host + slash + rest, ttl))
+    return tuple(rules)
+
+
 def parse_dns_names(value: Any) -> tuple[str, ...]:
     names = _string_list(value)
     for name in names:
@@ -417,10 +454,11 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream_timeout": lambda v: parse_positive_duration(v),
     "mirror_default_registry": lambda v: parse_mirror_registry(v),
     "mirror_names": lambda v: parse_mirror_names(v),
+    "tag_rules": parse_tag_rules,
 }
 
 # Keys whose environment value is YAML rather than a plain string (lists of mappings).
-_YAML_ENV_KEYS = {"users"}
+_YAML_ENV_KEYS = {"users", "tag_rules"}
 # Variables with the prefix that belong to other tools (make config), not to the server.
 _FOREIGN_ENV = {
     "HOST",

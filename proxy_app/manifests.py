@@ -1,9 +1,10 @@
-"""Manifests: immutable by digest, and the tag policy (tag_ttl, revalidation, stale_if_error).
+"""Manifests: immutable by digest, and tags' answers (trust, revalidation, stale_if_error).
 
 A manifest's bytes are kept in the blob store under their digest, its media type in
 the index. A tag's answer is kept per Accept variant (a client asking for OCI indexes
 and one asking for Docker schema 2 may get different manifests for the same tag). It
-is trusted for `tag_ttl`; after that an upstream HEAD revalidates it (Docker Hub does
+is trusted for the time tag_policy.py gives its tag (the first of `tag_rules` that
+matches, else `tag_ttl`); after that an upstream HEAD revalidates it (Docker Hub does
 not count a HEAD against the pull limit), and when upstream fails the cached answer
 is served as STALE for up to `stale_if_error`.
 """
@@ -30,6 +31,7 @@ from .links import RepositoryLinks, refusal
 from .media_types import DOCKER_MANIFEST, INDEX_TYPES, SCHEMA1_TYPES, STORED_MANIFEST_TYPES
 from .responses import API_VERSION, CACHE_HEADER, error_response, read_body, relay
 from .routes import Route
+from .tag_policy import TagPolicy
 from .upstream import UPSTREAM_ERRORS, Origin, describe
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ class ManifestCache:
         self.metrics = ctx.metrics
         self.executor = ctx.executor
         self.on_store_error = ctx.maintenance.store_failed
+        self.tag_policy = TagPolicy(ctx.config.tag_rules, ctx.config.tag_ttl)
 
     # --- answers ------------------------------------------------------------------------
 
@@ -356,7 +359,7 @@ class ManifestCache:
         self, request: web.BaseRequest, key: tuple[str, str, str, str], variant: str, ex: Exchange
     ) -> web.Response | None:
         entry = self._tag_entry(key, variant)
-        if entry is None or time.time() - entry.checked_at >= self.config.tag_ttl:
+        if entry is None or time.time() - entry.checked_at >= self.tag_policy.ttl_for(*key[:3]):
             return None
         cached = self._cached_body(entry.digest)
         if cached is None:
@@ -374,7 +377,7 @@ class ManifestCache:
         ex: Exchange,
         deadline: float,
     ) -> web.StreamResponse:
-        """A tag whose cached answer is missing or older than tag_ttl."""
+        """A tag whose cached answer is missing or older than its tag policy allows."""
         entry = self._tag_entry(key, variant)
         cached = self._cached_body(entry.digest) if entry else None
         age = time.time() - entry.checked_at if entry else 0.0
