@@ -233,6 +233,7 @@ class ManifestCache:
         """Upstream's refusal, relayed as it is (its body too must come before `deadline`)."""
         async with asyncio.timeout_at(deadline):
             response, ex.sent = await relay(request, upstream, "MISS", ex.prepared)
+        self.metrics.sent(ex.host, "upstream", ex.sent, ex.repository)
         return response
 
     # --- by digest ----------------------------------------------------------------------

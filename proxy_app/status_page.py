@@ -23,7 +23,7 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;max-width:1200px
 h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .4em}
 table{border-collapse:collapse}td,th{padding:.2em .7em;border-bottom:1px solid #ddd;
 text-align:right}th:first-child,td:first-child{text-align:left}
-.muted{color:#777}.err{color:#a00}.cache{fill:#2a7}.upstream{fill:#d84}
+td.t{text-align:left}.muted{color:#777}.err{color:#a00}.cache{fill:#2a7}.upstream{fill:#d84}
 .ratio{stroke:#36c;fill:none;stroke-width:2}.grid{stroke:#eee}
 svg{background:#fafafa;border:1px solid #ddd}.legend span{margin-right:1em}
 .sw{display:inline-block;width:.8em;height:.8em;margin-right:.3em}
@@ -108,9 +108,9 @@ def bytes_chart(history: list[dict[str, Any]]) -> str:
 
 def ratio_chart(history: list[dict[str, Any]]) -> str:
     """Hit ratio per hour of the last day (hours without cacheable answers left out)."""
-    step = CHART_WIDTH / max(len(history) - 1, 1)
+    step = (CHART_WIDTH - 10) / max(len(history) - 1, 1)
     points = [
-        f"{i * step:.1f},{CHART_HEIGHT - 5 - h['hit_ratio'] * (CHART_HEIGHT - 10):.1f}"
+        f"{5 + i * step:.1f},{CHART_HEIGHT - 5 - h['hit_ratio'] * (CHART_HEIGHT - 10):.1f}"
         for i, h in enumerate(history)
         if h["hit_ratio"] is not None
     ]
@@ -163,7 +163,7 @@ def registries(data: dict[str, Any], now: float) -> str:
             + cell("bytes_cache", r["bytes_cache"], size(r["bytes_cache"]))
             + cell("bytes_upstream", r["bytes_upstream"], size(r["bytes_upstream"]))
             + cell("errors", r["errors"], cls="err" if r["errors"] else "")
-            + cell("last_error", r["last_error"], r["last_error"] or "-")
+            + cell("last_error", r["last_error"], r["last_error"] or "-", "t")
             + cell("last_error_at", r["last_error_at"], when(r["last_error_at"], now))
             + "</tr>"
         )
@@ -219,8 +219,8 @@ def inflight(data: dict[str, Any], now: float) -> str:
 def events(items: list[dict[str, Any]], table_id: str, now: float) -> str:
     rows = [
         f'<tr><td data-field="registry">{e(ev["registry"])}</td>'
-        f'<td data-field="what">{e(ev["what"] or "-")}</td>'
-        f'<td data-field="message">{e(ev["message"])}</td>'
+        f'<td class="t" data-field="what">{e(ev["what"] or "-")}</td>'
+        f'<td class="t" data-field="message">{e(ev["message"])}</td>'
         + cell("at", ev["at"], when(ev["at"], now))
         + "</tr>"
         for ev in items
