@@ -41,7 +41,7 @@ class RegistryCacheApp:
         self.maintenance: StoreMaintenance
         self.registry: RegistryProxy
         self.server: ProxyServer
-        self.upstream = Upstream(config)
+        self.upstream = Upstream(config, self.metrics)
         self._housekeeping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -65,7 +65,10 @@ class RegistryCacheApp:
                 self.maintenance,
             )
         )
-        self.server = ProxyServer(cfg, ca, self.registry, self.metrics, self.health)
+        self.metrics.max_size.set(cfg.max_size)
+        self.server = ProxyServer(
+            cfg, ca, self.registry, self.metrics, self.health, status=self.status
+        )
         try:
             await self.server.start()
         except OSError:
@@ -120,6 +123,23 @@ class RegistryCacheApp:
             "inflight_fetches": len(self.registry.inflight),
         }
         return writable, details
+
+    def status(self) -> dict[str, Any]:
+        """The status page's data (`GET /`, as HTML or JSON)."""
+        now = self.metrics.activity.clock()
+        return {
+            "version": __version__,
+            "generated_at": now,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "cache": {
+                "bytes": self.maintenance.size,
+                "max_size": self.config.max_size,
+                "entries": self.index.count(),
+            },
+            **self.metrics.activity.snapshot(),
+            "inflight": self.registry.inflight.progress(),
+            "dockerhub": dict(self.metrics.dockerhub),
+        }
 
     async def stop(self) -> None:
         if self._housekeeping is not None:

@@ -60,9 +60,10 @@ class ProxyUser:
     name: str
     password_hash: str
     allow: tuple[str, ...] = ()
+    admin: bool = False  # may read the status page (`GET /`)
 
     def __repr__(self) -> str:
-        return f"ProxyUser(name={self.name!r}, allow={self.allow!r})"
+        return f"ProxyUser(name={self.name!r}, allow={self.allow!r}, admin={self.admin!r})"
 
 
 @dataclass(frozen=True)
@@ -324,12 +325,12 @@ def parse_users(value: Any) -> tuple[ProxyUser, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise ConfigError("expected a list of {name, password_hash, allow}")
+        raise ConfigError("expected a list of {name, password_hash, allow, admin}")
     users = []
     for i, item in enumerate(value, start=1):
         if not isinstance(item, Mapping):
             raise ConfigError(f"entry {i} must be a mapping with name and password_hash")
-        unknown = set(item) - {"name", "password_hash", "allow"}
+        unknown = set(item) - {"name", "password_hash", "allow", "admin"}
         if unknown:
             raise ConfigError(f"entry {i} has unknown keys: {', '.join(sorted(unknown))}")
         name, pw_hash = item.get("name"), item.get("password_hash")
@@ -339,7 +340,12 @@ def parse_users(value: Any) -> tuple[ProxyUser, ...]:
             raise ConfigError(
                 f"user {name!r} needs a password_hash made by `registry-cache hash-password`"
             )
-        users.append(ProxyUser(name, pw_hash, tuple(_string_list(item.get("allow")))))
+        admin = item.get("admin", False)
+        if not isinstance(admin, bool):
+            raise ConfigError(
+                f"user {name!r}: admin must be true or false (a YAML boolean), not {admin!r}"
+            )
+        users.append(ProxyUser(name, pw_hash, tuple(_string_list(item.get("allow"))), admin))
     return tuple(users)
 
 

@@ -116,7 +116,8 @@ class ManifestCache:
         self, request: web.BaseRequest, body: bytes, media_type: str, digest: str, ex: Exchange
     ) -> web.Response:
         ex.sent = 0 if request.method == "HEAD" else len(body)
-        self.metrics.bytes.labels("upstream" if ex.result == "MISS" else "cache").inc(ex.sent)
+        source = "upstream" if ex.result == "MISS" else "cache"
+        self.metrics.sent(ex.host, source, ex.sent, ex.repository)
         return web.Response(
             body=body,
             headers={
@@ -190,8 +191,8 @@ class ManifestCache:
         return body, media_type, digest
 
     def _invalid(self, origin: Origin, error: Exception, ex: Exchange) -> web.Response:
-        self.metrics.upstream_errors.inc()
         ex.note = str(error)
+        self.metrics.upstream_error(origin.netloc, f"bad manifest: {error}", ex.what)
         log.error("refusing manifest from %s: %s", origin.netloc, error)
         return error_response(
             502,
@@ -212,7 +213,7 @@ class ManifestCache:
         method: str = "GET",
     ) -> aiohttp.ClientResponse:
         """The manifest as the registry has it (exact bytes), its head before `deadline`."""
-        return await self.upstream.request(
+        response = await self.upstream.request(
             method,
             origin,
             ex.path,
@@ -222,6 +223,8 @@ class ManifestCache:
             share=ex.share,
             deadline=deadline,
         )
+        self.metrics.dockerhub_answer(origin.host, response.headers)
+        return response
 
     async def _relay(
         self,
@@ -233,6 +236,7 @@ class ManifestCache:
         """Upstream's refusal, relayed as it is (its body too must come before `deadline`)."""
         async with asyncio.timeout_at(deadline):
             response, ex.sent = await relay(request, upstream, "MISS", ex.prepared)
+        self.metrics.sent(ex.host, "upstream", ex.sent, ex.repository)
         return response
 
     # --- by digest ----------------------------------------------------------------------
@@ -456,7 +460,7 @@ class ManifestCache:
         try:
             head = await self._get(request, origin, ex, deadline, "HEAD")
         except UPSTREAM_ERRORS as e:
-            self.metrics.upstream_errors.inc()
+            self.metrics.upstream_error(origin.netloc, f"unreachable: {describe(e)}", ex.what)
             if stale_ok:
                 ex.result, ex.note = "STALE", f"upstream unreachable: {describe(e)}"
                 return True
@@ -467,8 +471,8 @@ class ManifestCache:
                 ex.note = "revalidated"
                 return True
             if stale_ok and _upstream_failed(head.status):
-                self.metrics.upstream_errors.inc()
                 ex.result, ex.note = "STALE", f"upstream answered {head.status}"
+                self.metrics.upstream_error(origin.netloc, ex.note, ex.what)
                 return True
         finally:
             head.release()
@@ -483,7 +487,7 @@ class ManifestCache:
         cause: object,
         ex: Exchange,
     ) -> web.Response:
-        self.metrics.upstream_errors.inc()
         why = describe(cause) if isinstance(cause, BaseException) else str(cause)
         ex.result, ex.note = "STALE", f"upstream {origin.netloc} failed: {why}"
+        self.metrics.upstream_error(origin.netloc, ex.note, ex.what)
         return self._answer(request, cached, entry.media_type, entry.digest, ex)

@@ -65,6 +65,24 @@ def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
         load_config(write(tmp_path, text), environ={})
 
 
+def test_admin_users(tmp_path: Path) -> None:
+    text = (
+        "users:\n"
+        "  - {name: boss, password_hash: 'scrypt$1$1$1$AA==$AA==', admin: true}\n"
+        "  - {name: puller, password_hash: 'scrypt$1$1$1$AA==$AA=='}\n"
+    )
+    boss, puller = load_config(write(tmp_path, text), environ={}).users
+    assert (boss.name, boss.admin) == ("boss", True)
+    assert (puller.name, puller.admin) == ("puller", False)
+
+
+@pytest.mark.parametrize("value", ["'yes please'", "'true'", "1", "[true]"])
+def test_admin_must_be_a_boolean(tmp_path: Path, value: str) -> None:
+    text = f"users:\n  - {{name: boss, password_hash: 'scrypt$1', admin: {value}}}\n"
+    with pytest.raises(ConfigError, match=r"'users'.*user 'boss': admin must be true or false"):
+        load_config(write(tmp_path, text), environ={})
+
+
 def test_environment_overrides_file(tmp_path: Path) -> None:
     env = {
         "REGISTRY_CACHE_MAX_SIZE": "1g",
