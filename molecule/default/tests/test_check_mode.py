@@ -31,8 +31,8 @@ def test_check_diff_on_the_converged_fleet_predicts_no_change_and_warns_nothing(
     recap = {m["host"]: int(m["changed"]) for m in RECAP_LINE.finditer(run.stdout)}
     assert {"rc-cache", "rc-client1", "rc-containerd", "rc-podman", "rc-mirror"} <= set(recap)
     changed = {host: n for host, n in recap.items() if n}
-    assert not changed, f"check mode predicts changes on a converged fleet: {changed}\n" + (
-        output[-6000:]
+    assert not changed, (
+        f"check mode predicts changes on a converged fleet: {changed}\n" + (output[-6000:])
     )
     warnings = [line for line in output.splitlines() if "[WARNING]" in line]
     assert not warnings, "\n".join(warnings)
