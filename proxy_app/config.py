@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from .tag_policy import DOCKER_HUB_ALIASES, TagRule
+from .registry_names import display_name
+from .tag_policy import TagRule
 
 log = logging.getLogger(__name__)
 
@@ -376,10 +377,7 @@ def parse_tag_rules(value: Any) -> tuple[TagRule, ...]:
         except ConfigError as e:
             raise ConfigError(f"rule {i} ({match}): ttl {e}") from None
         host, slash, rest = match.partition("/")
-        host = host.lower()
-        if host in DOCKER_HUB_ALIASES:
-            host = "docker.io"
-        rules.append(TagRule(host + slash + rest, ttl))
+        rules.append(TagRule(display_name(host) + slash + rest, ttl))
     return tuple(rules)
 
 

@@ -19,21 +19,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .activity import Activity
+from .registry_names import DOCKER_HUB, display_name
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MAX_REGISTRY_LABELS = 50
 OTHER = "other"
-DOCKER_HUB = "registry-1.docker.io"
-DOCKER_HUB_NAMES = frozenset({"docker.io", "index.docker.io", DOCKER_HUB})
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 FETCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _RATELIMIT = re.compile(r"\s*(\d+)\s*(?:;.*)?")
 
 
-def registry_name(netloc: str) -> str:
-    """A registry as the metrics and the status page name it."""
-    name = netloc.lower().removeprefix("http://").rstrip(".")
-    return "docker.io" if name in DOCKER_HUB_NAMES else name
+registry_name = display_name  # a registry as the metrics and the status page name it
 
 
 class RegistryLabels:

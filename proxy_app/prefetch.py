@@ -18,8 +18,7 @@ import aiohttp
 
 from .content_coding import EXACT_BYTES, ContentCodingError, decode_body
 from .media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES, MANIFEST_TYPES
-
-DOCKER_HUB = "registry-1.docker.io"
+from .registry_names import DOCKER_HUB, DOCKER_HUB_NAMES
 
 
 class PrefetchError(Exception):
@@ -45,7 +44,7 @@ class ImageRef:
             registry, name = first, remainder
         else:
             registry, name = "docker.io", rest
-        if registry in ("docker.io", "index.docker.io"):
+        if registry in DOCKER_HUB_NAMES:
             registry = DOCKER_HUB
             if "/" not in name:
                 name = f"library/{name}"

@@ -21,8 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-# The names Docker Hub is reached by; patterns call it docker.io, as `docker pull` does.
-DOCKER_HUB_ALIASES = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
+from .registry_names import display_name
 
 
 @dataclass(frozen=True)
@@ -40,10 +39,7 @@ class TagRule:
 
 def reference(registry: str, repository: str, tag: str) -> str:
     """`registry/repository:tag` as a pattern sees it (Docker Hub as docker.io)."""
-    host = registry.lower()
-    if host in DOCKER_HUB_ALIASES:
-        host = "docker.io"
-    return f"{host}/{repository}:{tag}"
+    return f"{display_name(registry)}/{repository}:{tag}"
 
 
 class TagPolicy:
