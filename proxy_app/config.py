@@ -58,9 +58,10 @@ class ProxyUser:
     name: str
     password_hash: str
     allow: tuple[str, ...] = ()
+    admin: bool = False
 
     def __repr__(self) -> str:
-        return f"ProxyUser(name={self.name!r}, allow={self.allow!r})"
+        return f"ProxyUser(name={self.name!r}, allow={self.allow!r}, admin={self.admin!r})"
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,17 @@ class Config:
     mirror_default_registry: str = "docker.io"
     # Names on the mirror's own TLS certificate; empty: the host's (default_mirror_names).
     mirror_names: tuple[str, ...] = ()
+    # The admin API's UNIX socket (mode 0660, the service user's); None: <cache_dir>/admin.sock.
+    admin_socket: Path | None = None
+    # Images kept whatever max_size and inactive say (normalised references); the service
+    # makes its index's config pins exactly these at start. `registry-cache pin` adds more.
+    pinned: tuple[str, ...] = ()
     # True when `listen` was not configured: a missing IPv6 stack then is not an error.
     listen_is_default: bool = True
+
+    @property
+    def admin_socket_path(self) -> Path:
+        return self.admin_socket or self.cache_dir / "admin.sock"
 
 
 # --- value parsers: each takes the raw value (YAML or environment string) ---------------
@@ -170,6 +180,19 @@ def parse_mirror_registry(value: Any) -> str:
     except MirrorRequestInvalid as e:
         raise ConfigError(str(e)) from e
     return str(value)
+
+
+def parse_pinned(value: Any) -> tuple[str, ...]:
+    """Image references, normalised as Docker does (alpine: docker.io/library/alpine:latest)."""
+    from .image_ref import ImageRefInvalid, parse_image_ref
+
+    refs = []
+    for item in _string_list(value):
+        try:
+            refs.append(str(parse_image_ref(item)))
+        except ImageRefInvalid as e:
+            raise ConfigError(str(e)) from None
+    return tuple(dict.fromkeys(refs))
 
 
 def parse_positive_duration(value: Any) -> float:
@@ -321,12 +344,12 @@ def parse_users(value: Any) -> tuple[ProxyUser, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise ConfigError("expected a list of {name, password_hash, allow}")
+        raise ConfigError("expected a list of {name, password_hash, allow, admin}")
     users = []
     for i, item in enumerate(value, start=1):
         if not isinstance(item, Mapping):
             raise ConfigError(f"entry {i} must be a mapping with name and password_hash")
-        unknown = set(item) - {"name", "password_hash", "allow"}
+        unknown = set(item) - {"name", "password_hash", "allow", "admin"}
         if unknown:
             raise ConfigError(f"entry {i} has unknown keys: {', '.join(sorted(unknown))}")
         name, pw_hash = item.get("name"), item.get("password_hash")
@@ -336,7 +359,10 @@ def parse_users(value: Any) -> tuple[ProxyUser, ...]:
             raise ConfigError(
                 f"user {name!r} needs a password_hash made by `registry-cache hash-password`"
             )
-        users.append(ProxyUser(name, pw_hash, tuple(_string_list(item.get("allow")))))
+        admin = item.get("admin", False)
+        if not isinstance(admin, bool):
+            raise ConfigError(f"user {name!r}: admin must be true or false, not {admin!r}")
+        users.append(ProxyUser(name, pw_hash, tuple(_string_list(item.get("allow"))), admin))
     return tuple(users)
 
 
@@ -417,6 +443,8 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream_timeout": lambda v: parse_positive_duration(v),
     "mirror_default_registry": lambda v: parse_mirror_registry(v),
     "mirror_names": lambda v: parse_mirror_names(v),
+    "admin_socket": parse_optional_path,
+    "pinned": lambda v: parse_pinned(v),
 }
 
 # Keys whose environment value is YAML rather than a plain string (lists of mappings).
