@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import socket
 import sys
 import time
@@ -16,6 +15,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from .config import Config
+from .image_ref import ImageRefInvalid, parse_image_ref
 
 TIMEOUT = 120.0  # a purge of a large image removes many files
 PERMISSION_HINT = "permission denied: run as root or the registry-cache user"
@@ -87,10 +87,16 @@ def call(
     return answer
 
 
-def check_config_readable(path: Path | None) -> None:
-    """A config file only root and the service user may read: say so, as for the socket."""
-    if path is not None and path.exists() and not os.access(path, os.R_OK):
-        raise AdminUnavailable(f"{PERMISSION_HINT} (cannot read {path})")
+def check_config_readable(path: Path) -> bool:
+    """Whether the config file is there; one only root and the service user may read (or
+    reach) is said so, as for the socket."""
+    try:
+        with path.open("rb"):
+            return True
+    except PermissionError:
+        raise AdminUnavailable(f"{PERMISSION_HINT} (cannot read {path})") from None
+    except OSError:
+        return False
 
 
 # --- output ---------------------------------------------------------------------------
@@ -143,6 +149,12 @@ def run(args: argparse.Namespace, config: Config) -> int:
     """One admin command (args.command) against the service that config describes."""
     socket_path = config.admin_socket_path
     command = args.command
+    if getattr(args, "ref", None) is not None:
+        try:  # the service checks it too; this spares a call that cannot succeed
+            parse_image_ref(args.ref)
+        except ImageRefInvalid as e:
+            print(f"registry-cache {command}: not an image reference: {e}", file=sys.stderr)
+            return 2
     try:
         if command == "ls":
             query = f"?{urlencode({'glob': args.glob})}" if args.glob else ""

@@ -212,10 +212,12 @@ def cmd_admin(args: argparse.Namespace) -> int:
     from .admin_client import AdminUnavailable, check_config_readable, run
 
     try:
-        check_config_readable(args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None))
+        found = check_config_readable(args.config or DEFAULT_CONFIG)
     except AdminUnavailable as e:
         print(f"registry-cache {args.command}: {e}", file=sys.stderr)
         return 1
+    if args.config is None and not found:
+        return run(args, load_config(None))  # no config file: defaults and REGISTRY_CACHE_*
     return run(args, _load(args))
 
 

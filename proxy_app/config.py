@@ -524,6 +524,10 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     if values.get("tag_ttl", Config.tag_ttl) > values.get("stale_if_error", Config.stale_if_error):
         log.warning("stale_if_error is shorter than tag_ttl: stale tags will never be served")
     bundle = values.get("upstream_ca_bundle")
-    if bundle is not None and not bundle.is_file():
+    try:
+        bundle_ok = bundle is None or bundle.is_file()
+    except OSError as e:  # a folder this user may not enter (a tool run by another user)
+        raise ConfigError(f"config key 'upstream_ca_bundle': {bundle}: {e.strerror}") from None
+    if not bundle_ok:
         raise ConfigError(f"config key 'upstream_ca_bundle': {bundle} is not a readable file")
     return Config(**values)
