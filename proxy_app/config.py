@@ -110,8 +110,17 @@ class Config:
     # Names on the mirror's own TLS certificate; empty: the host's (default_mirror_names).
     mirror_names: tuple[str, ...] = ()
     tag_rules: tuple[TagRule, ...] = ()
+    # The admin API's UNIX socket (mode 0660, the service user's); None: <cache_dir>/admin.sock.
+    admin_socket: Path | None = None
+    # Images kept whatever max_size and inactive say (normalised references); the service
+    # makes its index's config pins exactly these at start. `registry-cache pin` adds more.
+    pinned: tuple[str, ...] = ()
     # True when `listen` was not configured: a missing IPv6 stack then is not an error.
     listen_is_default: bool = True
+
+    @property
+    def admin_socket_path(self) -> Path:
+        return self.admin_socket or self.cache_dir / "admin.sock"
 
 
 # --- value parsers: each takes the raw value (YAML or environment string) ---------------
@@ -175,6 +184,19 @@ def parse_mirror_registry(value: Any) -> str:
     except MirrorRequestInvalid as e:
         raise ConfigError(str(e)) from e
     return str(value)
+
+
+def parse_pinned(value: Any) -> tuple[str, ...]:
+    """Image references, normalised as Docker does (alpine: docker.io/library/alpine:latest)."""
+    from .image_ref import ImageRefInvalid, parse_image_ref
+
+    refs = []
+    for item in _string_list(value):
+        try:
+            refs.append(str(parse_image_ref(item)))
+        except ImageRefInvalid as e:
+            raise ConfigError(str(e)) from None
+    return tuple(dict.fromkeys(refs))
 
 
 def parse_positive_duration(value: Any) -> float:
@@ -459,6 +481,8 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "mirror_default_registry": lambda v: parse_mirror_registry(v),
     "mirror_names": lambda v: parse_mirror_names(v),
     "tag_rules": parse_tag_rules,
+    "admin_socket": parse_optional_path,
+    "pinned": lambda v: parse_pinned(v),
 }
 
 # Keys whose environment value is YAML rather than a plain string (lists of mappings).
@@ -538,6 +562,10 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     if values.get("tag_ttl", Config.tag_ttl) > values.get("stale_if_error", Config.stale_if_error):
         log.warning("stale_if_error is shorter than tag_ttl: stale tags will never be served")
     bundle = values.get("upstream_ca_bundle")
-    if bundle is not None and not bundle.is_file():
+    try:
+        bundle_ok = bundle is None or bundle.is_file()
+    except OSError as e:  # a folder this user may not enter (a tool run by another user)
+        raise ConfigError(f"config key 'upstream_ca_bundle': {bundle}: {e.strerror}") from None
+    if not bundle_ok:
         raise ConfigError(f"config key 'upstream_ca_bundle': {bundle} is not a readable file")
     return Config(**values)

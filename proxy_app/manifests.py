@@ -239,9 +239,24 @@ class ManifestCache:
         self.metrics.sent(ex.host, "upstream", ex.sent, ex.repository)
         return response
 
+    def _count_pull(
+        self, request: web.BaseRequest, origin: Origin, route: Route, response: web.StreamResponse
+    ) -> web.StreamResponse:
+        """A manifest a client got (GET, 200) counts as a pull of it there (`ls`)."""
+        digest = response.headers.get("Docker-Content-Digest")
+        if request.method == "GET" and response.status == 200 and digest:
+            self.index.count_pull(origin.key, route.name, digest)
+        return response
+
     # --- by digest ----------------------------------------------------------------------
 
     async def by_digest(
+        self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
+    ) -> web.StreamResponse:
+        response = await self._by_digest(request, origin, route, ex)
+        return self._count_pull(request, origin, route, response)
+
+    async def _by_digest(
         self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
     ) -> web.StreamResponse:
         deadline = self._deadline()
@@ -331,6 +346,12 @@ class ManifestCache:
     # --- by tag -------------------------------------------------------------------------
 
     async def by_tag(
+        self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
+    ) -> web.StreamResponse:
+        response = await self._by_tag(request, origin, route, ex)
+        return self._count_pull(request, origin, route, response)
+
+    async def _by_tag(
         self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
     ) -> web.StreamResponse:
         variant = accept_variant(request.headers.getall("Accept", []))

@@ -193,9 +193,11 @@ class ProxyServer:
         metrics: Metrics,
         health: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
         status: Callable[[], dict[str, Any]] | None = None,
+        admin: Callable[[web.BaseRequest, str], Awaitable[web.Response]] | None = None,
     ) -> None:
         self.config = config
         self.status = status
+        self.admin = admin
         self.ca = ca
         self.registry = registry
         self.metrics = metrics
@@ -315,6 +317,8 @@ class ProxyServer:
         target = request.raw_path
         if is_mirror_path(target):
             return await self.mirror.handle(request)
+        if target == "/admin" or target.startswith("/admin/"):
+            return await self._admin(request, client)
         if target.startswith("/"):
             return await self._own_page(request)
         if not self.client_allowed(client):
@@ -383,6 +387,44 @@ class ProxyServer:
         path = url.raw_path_qs or "/"
         origin = Origin("http", host, port)
         return await self.registry.serve(request, origin, client, user, path)
+
+    async def _admin(self, request: web.BaseRequest, client: str) -> web.StreamResponse:
+        """The admin API (admin.py) for loopback clients that authenticate (Authorization:
+        Basic) as a proxy user with `admin: true`; the admin socket is the usual way."""
+        headers = {CACHE_HEADER: "PASS"}
+
+        def refuse(status: int, message: str, **extra: str) -> web.Response:
+            log.warning("admin API refused to %s: %s", client, message)
+            return web.json_response(
+                {"error": message}, status=status, headers={**headers, **extra}
+            )
+
+        if self.admin is None:
+            return refuse(404, "no admin API here")
+        if not is_loopback(client):
+            return refuse(
+                403,
+                "the admin API answers loopback clients only; on the cache host, run "
+                "registry-cache ls|purge|pin|unpin|refresh as root or the service user",
+            )
+        if not any(u.admin for u in self.config.users):
+            return refuse(
+                403,
+                "the admin API on the listener needs a proxy user with admin: true in `users`; "
+                "or use the admin socket (registry-cache ls, as root or the service user)",
+            )
+        user = await self.auth.authenticate(request.headers.get("Authorization"))
+        if user is None:
+            return refuse(
+                401,
+                "send Authorization: Basic with a proxy user that has admin: true",
+                **{"WWW-Authenticate": 'Basic realm="registry-cache admin"'},
+            )
+        if not user.admin:
+            return refuse(403, f"proxy user {user.name} is not an admin (admin: true in `users`)")
+        response = await self.admin(request, f"user {user.name} from {client}")
+        response.headers.update(headers)
+        return response
 
     async def _own_page(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
