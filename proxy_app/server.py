@@ -476,6 +476,7 @@ class ProxyServer:
         client = request.remote or "-"
         if not self.client_allowed(client):
             return web.Response(status=403, text=refused_client(client) + "\n", headers=headers)
+        user = None
         if self.auth.enabled:
             user = await self.auth.authenticate(request.headers.get("Authorization"))
             if user is None:
@@ -499,6 +500,8 @@ class ProxyServer:
                 headers=headers,
             )
         data = self.status()
+        if self.config.verify_client_access and user is None:
+            data = status_page.without_repositories(data)
         if _wants_json(request.headers.get("Accept", "")):
             return web.json_response(data, headers=headers)
         return web.Response(

@@ -192,6 +192,11 @@ def repositories(data: dict[str, Any]) -> str:
         + "</tr>"
         for r in data["top_repositories"]
     ]
+    if data.get("repositories_hidden"):
+        return (
+            '<p class="note" id="repositories-hidden">Repository names are shown to admin '
+            "users only on a cache with verify_client_access.</p>"
+        )
     return table(["repository", "requests", "bytes sent"], rows, ' id="repositories"')
 
 
@@ -285,3 +290,20 @@ counters for Prometheus at <a href="/metrics">/metrics</a>.</p>
 {dockerhub(data, now)}
 </body></html>
 """
+
+
+HIDDEN = "(hidden)"
+
+
+def without_repositories(data: dict[str, Any]) -> dict[str, Any]:
+    """The page's data without repository names, for a cache with verify_client_access:
+    there a client may read only the repositories upstream lets it read, and the names of
+    what other clients pull (private repositories among them) are not for every reader.
+    Registries, counts and bytes stay; admin users see everything."""
+    out = dict(data)
+    out["top_repositories"] = []
+    out["recent_stale"] = [{**e, "what": HIDDEN} for e in data.get("recent_stale", [])]
+    out["recent_errors"] = [{**e, "what": HIDDEN} for e in data.get("recent_errors", [])]
+    out["inflight"] = [{**f, "repository": HIDDEN} for f in data.get("inflight", [])]
+    out["repositories_hidden"] = True
+    return out

@@ -306,3 +306,24 @@ def test_status_page_for_admin_users_only(proxy_factory):
     assert b"user puller may not read the status page" in body
     status, _, body = get(f"{proxy.url}/", {"Authorization": basic("boss", "b0ss-pw")})
     assert status == 200 and b"registry-cache" in body
+
+
+def test_status_page_hides_repository_names_under_verify_client_access(
+    registry: Registry, image_factory, proxy_factory, tmp_path: Path
+):
+    """With verify_client_access a client reads only what upstream lets it read: the page
+    must not tell it which repositories other clients pull. Counts stay."""
+    image = image_factory(f"{registry.netloc}/secret/project-x:1", [20_000])
+    proxy = proxy_factory(verify_client_access=True)
+    assert set(image.blob_digests) <= pulled_blobs(
+        proxy, f"{registry.netloc}/secret/project-x:1", tmp_path / "pull"
+    )
+    status, _, body = get(f"{proxy.url}/", {"Accept": "application/json"})
+    data = json.loads(body)
+    assert status == 200 and data["repositories_hidden"] is True
+    assert data["top_repositories"] == []
+    assert data["registries"][registry.netloc]["requests"] > 0
+    status, _, page = get(f"{proxy.url}/")
+    assert status == 200
+    assert b"project-x" not in page and b"project-x" not in body
+    assert b'id="repositories-hidden"' in page
