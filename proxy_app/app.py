@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import __version__
+from .admin import Admin, AdminSocket
 from .blobs import FilesystemBlobStore
 from .ca import CertificateAuthority
 from .config import Config
@@ -41,7 +42,9 @@ class RegistryCacheApp:
         self.maintenance: StoreMaintenance
         self.registry: RegistryProxy
         self.server: ProxyServer
-        self.upstream = Upstream(config)
+        self.upstream = Upstream(config, self.metrics)
+        self.admin: Admin
+        self.admin_socket: AdminSocket | None = None
         self._housekeeping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -65,11 +68,26 @@ class RegistryCacheApp:
                 self.maintenance,
             )
         )
-        self.server = ProxyServer(cfg, ca, self.registry, self.metrics, self.health)
+        self.metrics.max_size.set(cfg.max_size)
+        self.admin = Admin(cfg, self.index, self.maintenance, self.registry.inflight)
+        self.admin.apply_config_pins()
+        self.server = ProxyServer(
+            cfg,
+            ca,
+            self.registry,
+            self.metrics,
+            self.health,
+            status=self.status,
+            admin=self.admin.handle,
+        )
+        admin_socket = AdminSocket(cfg.admin_socket_path, self.admin.handle)
         try:
+            await admin_socket.start()
+            self.admin_socket = admin_socket
             await self.server.start()
         except OSError:
             await self.server.close()
+            await admin_socket.close()
             await self.upstream.close()
             self.index.close()
             raise
@@ -121,10 +139,29 @@ class RegistryCacheApp:
         }
         return writable, details
 
+    def status(self) -> dict[str, Any]:
+        """The status page's data (`GET /`, as HTML or JSON)."""
+        now = self.metrics.activity.clock()
+        return {
+            "version": __version__,
+            "generated_at": now,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "cache": {
+                "bytes": self.maintenance.size,
+                "max_size": self.config.max_size,
+                "entries": self.index.count(),
+            },
+            **self.metrics.activity.snapshot(),
+            "inflight": self.registry.inflight.progress(),
+            "dockerhub": dict(self.metrics.dockerhub),
+        }
+
     async def stop(self) -> None:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         await self.server.close()
+        if self.admin_socket is not None:
+            await self.admin_socket.close()
         await self.registry.close()
         await self.upstream.close()
         self.flush()

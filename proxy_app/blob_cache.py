@@ -141,7 +141,7 @@ class BlobCache:
                     headers={**refusal.headers, CACHE_HEADER: "MISS"},
                 )
             # Upstream refused someone else's request (their token, say): ask with ours.
-        return await self._send_inflight(request, origin, route.name, fetch, ex)
+        return await self._send_inflight(request, origin, route.name, fetch, ex, shared=not mine)
 
     async def _unlinked(
         self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
@@ -197,7 +197,7 @@ class BlobCache:
         finally:
             reader.close()
             self.maintenance.unpin(digest)
-        self.metrics.bytes.labels("cache").inc(ex.sent)
+        self.metrics.sent(ex.host, "cache", ex.sent, ex.repository)
         return response
 
     async def _send_inflight(
@@ -208,7 +208,11 @@ class BlobCache:
         fetch: BlobFetch,
         ex: Exchange,
         source: str = "upstream",
+        shared: bool = False,
     ) -> web.StreamResponse:
+        """Sends a blob as its fetch writes it. `source` cache: it is verified already;
+        `shared`: another request started the download, so upstream sent these bytes once
+        for several clients (counted as saved)."""
         byte_range = None
         available = fetch.wait_beyond
         if fetch.size is not None:
@@ -245,7 +249,9 @@ class BlobCache:
         finally:
             reader.close()
             self.maintenance.unpin(fetch.digest)
-        self.metrics.bytes.labels(source).inc(ex.sent)
+        self.metrics.sent(ex.host, source, ex.sent, ex.repository)
+        if shared and source != "cache":
+            self.metrics.saved(ex.host, ex.sent)
         return response
 
     def _direct_headers(self, client_headers: Mapping[str, str]) -> dict[str, str]:
@@ -321,7 +327,7 @@ class BlobCache:
             response, ex.sent = await relay(request, upstream, "MISS", ex.prepared, decoder)
         finally:
             upstream.release()
-        self.metrics.bytes.labels("upstream").inc(ex.sent)
+        self.metrics.sent(ex.host, "upstream", ex.sent, ex.repository)
         return response
 
     async def _fetch_blob(
@@ -334,6 +340,7 @@ class BlobCache:
     ) -> None:
         """Downloads one blob into the store, feeding every reader as bytes arrive."""
         loop = asyncio.get_running_loop()
+        began = loop.time()
         headers = self._direct_headers(client_headers)
         path = f"/v2/{name}/blobs/{fetch.digest}"
         writer = None
@@ -346,8 +353,8 @@ class BlobCache:
                     "GET", origin, path, headers, follow_redirects=True, exact=True, share=ex.share
                 )
             except UPSTREAM_ERRORS as e:
-                self.metrics.upstream_errors.inc()
                 fetch.fail(f"upstream {origin.netloc} cannot be reached: {describe(e)}")
+                self._upstream_failed(origin, fetch)
                 return
             except UpstreamRefused as e:
                 answer = error_response(e.status, e.code, e.message, "DENIED")
@@ -365,9 +372,9 @@ class BlobCache:
             try:
                 decoder = decoder_for(upstream.headers)
             except ContentCodingError as e:
-                self.metrics.upstream_errors.inc()
                 log.error("refusing blob %s from %s: %s", fetch.digest, origin.netloc, e)
                 fetch.fail(f"{origin.netloc} sent blob {fetch.digest}: {e}")
+                self._upstream_failed(origin, fetch)
                 return
             # A coded body's length is not the blob's: that is known once it is decoded.
             size = upstream.content_length if decoder is None else None
@@ -409,6 +416,7 @@ class BlobCache:
             writing = None
             writer.verify(size)
             fetch.verify()  # readers take the last byte now, not after the disk flush
+            self.metrics.fetched(origin.netloc, loop.time() - began)
             # Storing a verified blob is a task of its own that a shutdown waits for: the
             # bytes are all here, and only the flush is left.
             storing = asyncio.ensure_future(self._store_verified(fetch, writer))
@@ -419,20 +427,20 @@ class BlobCache:
             await _settled(writing)
             self._store_failed(fetch, writer, e.error)
         except DigestMismatch as e:
-            self.metrics.upstream_errors.inc()
             log.error("refusing blob %s from %s: %s", fetch.digest, origin.netloc, e)
             fetch.fail(str(e))
+            self._upstream_failed(origin, fetch)
         except (_TooSlow, _TooLarge, ContentCodingError) as e:
-            self.metrics.upstream_errors.inc()
             await _abandoned(writing, writer)
             message = f"{origin.netloc} sent blob {fetch.digest} {_refused_because(e, decoder)}"
             log.warning("refusing blob: %s", message)
             fetch.fail(message)
+            self._upstream_failed(origin, fetch)
         except (*UPSTREAM_ERRORS, aiohttp.ClientPayloadError) as e:
-            self.metrics.upstream_errors.inc()
             await _abandoned(writing, writer)
             log.warning("fetching %s from %s failed: %s", fetch.digest, origin.netloc, describe(e))
             fetch.fail(f"download from {origin.netloc} broke: {describe(e)}")
+            self._upstream_failed(origin, fetch)
         except asyncio.CancelledError:
             # The cache is stopping. A verified blob is still stored by its own task (which
             # close() waits for); readers of one that is not get an error, not a wait.
@@ -449,6 +457,11 @@ class BlobCache:
             self.inflight.release(fetch)
             if upstream is not None:
                 upstream.release()
+
+    def _upstream_failed(self, origin: Origin, fetch: BlobFetch) -> None:
+        """Counts a failed download (after fetch.fail) as the registry's error."""
+        name = fetch.source[1] if fetch.source else fetch.digest
+        self.metrics.upstream_error(origin.netloc, str(fetch.error), name)
 
     async def _store_verified(self, fetch: BlobFetch, writer: BlobWriter) -> None:
         """Flushes and renames a verified blob into the store and indexes it."""

@@ -207,6 +207,20 @@ def cmd_ca(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_admin(args: argparse.Namespace) -> int:
+    """ls, purge, pin, unpin, refresh: asked of the running service (admin_client.py)."""
+    from .admin_client import AdminUnavailable, check_config_readable, run
+
+    try:
+        found = check_config_readable(args.config or DEFAULT_CONFIG)
+    except AdminUnavailable as e:
+        print(f"registry-cache {args.command}: {e}", file=sys.stderr)
+        return 1
+    if args.config is None and not found:
+        return run(args, load_config(None))  # no config file: defaults and REGISTRY_CACHE_*
+    return run(args, _load(args))
+
+
 def cmd_hash_password(args: argparse.Namespace) -> int:
     from .proxy_auth import hash_password
 
@@ -259,6 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
     for step in ("stage", "activate", "finish"):
         steps.add_argument(f"--{step}", dest="action", action="store_const", const=step)
     ca.set_defaults(func=cmd_ca, action="show")
+    ls = add("ls", "cached images: tags, digest, size, last pulled, pulls, tag rule, pinned")
+    ls.add_argument(
+        "glob",
+        nargs="?",
+        metavar="REGISTRY/REPO-GLOB",
+        help="only these, e.g. 'ghcr.io/org/*' or 'docker.io/library/alpine'",
+    )
+    ref_help = "e.g. alpine:3, registry.example:5000/team/app:1.0 or ...@sha256:<hex>"
+    for name, help_text in (
+        ("purge", "remove an image's tag answers and the blobs no other cached image uses"),
+        ("pin", "keep an image whatever max_size and inactive say (no REF: list the pins)"),
+        ("unpin", "let a pinned image be evicted again"),
+        ("refresh", "make the next pull of a tag revalidate it upstream, as after tag_ttl"),
+    ):
+        p = add(name, help_text)
+        p.add_argument("ref", metavar="REF", nargs="?" if name == "pin" else None, help=ref_help)
+    for name in ("ls", "purge", "pin", "unpin", "refresh"):
+        sub.choices[name].add_argument("--json", action="store_true", help="print JSON")
+        sub.choices[name].set_defaults(func=cmd_admin)
     hp = sub.add_parser(
         "hash-password",
         help="read a password (prompt or stdin) and print the hash for a `users` entry",

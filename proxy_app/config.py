@@ -18,6 +18,9 @@ from typing import Any
 
 import yaml
 
+from .registry_names import display_name
+from .tag_policy import TagRule
+
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "REGISTRY_CACHE_"
@@ -58,9 +61,10 @@ class ProxyUser:
     name: str
     password_hash: str
     allow: tuple[str, ...] = ()
+    admin: bool = False  # may read the status page (`GET /`)
 
     def __repr__(self) -> str:
-        return f"ProxyUser(name={self.name!r}, allow={self.allow!r})"
+        return f"ProxyUser(name={self.name!r}, allow={self.allow!r}, admin={self.admin!r})"
 
 
 @dataclass(frozen=True)
@@ -105,8 +109,18 @@ class Config:
     mirror_default_registry: str = "docker.io"
     # Names on the mirror's own TLS certificate; empty: the host's (default_mirror_names).
     mirror_names: tuple[str, ...] = ()
+    tag_rules: tuple[TagRule, ...] = ()
+    # The admin API's UNIX socket (mode 0660, the service user's); None: <cache_dir>/admin.sock.
+    admin_socket: Path | None = None
+    # Images kept whatever max_size and inactive say (normalised references); the service
+    # makes its index's config pins exactly these at start. `registry-cache pin` adds more.
+    pinned: tuple[str, ...] = ()
     # True when `listen` was not configured: a missing IPv6 stack then is not an error.
     listen_is_default: bool = True
+
+    @property
+    def admin_socket_path(self) -> Path:
+        return self.admin_socket or self.cache_dir / "admin.sock"
 
 
 # --- value parsers: each takes the raw value (YAML or environment string) ---------------
@@ -170,6 +184,19 @@ def parse_mirror_registry(value: Any) -> str:
     except MirrorRequestInvalid as e:
         raise ConfigError(str(e)) from e
     return str(value)
+
+
+def parse_pinned(value: Any) -> tuple[str, ...]:
+    """Image references, normalised as Docker does (alpine: docker.io/library/alpine:latest)."""
+    from .image_ref import ImageRefInvalid, parse_image_ref
+
+    refs = []
+    for item in _string_list(value):
+        try:
+            refs.append(str(parse_image_ref(item)))
+        except ImageRefInvalid as e:
+            raise ConfigError(str(e)) from None
+    return tuple(dict.fromkeys(refs))
 
 
 def parse_positive_duration(value: Any) -> float:
@@ -321,12 +348,12 @@ def parse_users(value: Any) -> tuple[ProxyUser, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise ConfigError("expected a list of {name, password_hash, allow}")
+        raise ConfigError("expected a list of {name, password_hash, allow, admin}")
     users = []
     for i, item in enumerate(value, start=1):
         if not isinstance(item, Mapping):
             raise ConfigError(f"entry {i} must be a mapping with name and password_hash")
-        unknown = set(item) - {"name", "password_hash", "allow"}
+        unknown = set(item) - {"name", "password_hash", "allow", "admin"}
         if unknown:
             raise ConfigError(f"entry {i} has unknown keys: {', '.join(sorted(unknown))}")
         name, pw_hash = item.get("name"), item.get("password_hash")
@@ -336,8 +363,44 @@ def parse_users(value: Any) -> tuple[ProxyUser, ...]:
             raise ConfigError(
                 f"user {name!r} needs a password_hash made by `registry-cache hash-password`"
             )
-        users.append(ProxyUser(name, pw_hash, tuple(_string_list(item.get("allow")))))
+        admin = item.get("admin", False)
+        if not isinstance(admin, bool):
+            raise ConfigError(
+                f"user {name!r}: admin must be true or false (a YAML boolean), not {admin!r}"
+            )
+        users.append(ProxyUser(name, pw_hash, tuple(_string_list(item.get("allow"))), admin))
     return tuple(users)
+
+
+_RULE_EXAMPLE = '{match: "docker.io/library/*:latest", ttl: 1m}'
+
+
+def parse_tag_rules(value: Any) -> tuple[TagRule, ...]:
+    """`[{match: "registry/repo-glob:tag-glob", ttl: 1m}, ...]` (tag_policy.py)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"expected a list of rules such as {_RULE_EXAMPLE}")
+    rules = []
+    for i, item in enumerate(value, start=1):
+        if not isinstance(item, Mapping) or set(item) != {"match", "ttl"}:
+            raise ConfigError(f"rule {i} must have exactly match and ttl, such as {_RULE_EXAMPLE}")
+        match = item["match"]
+        if not isinstance(match, str) or not match.strip() or any(c.isspace() for c in match):
+            raise ConfigError(
+                f"rule {i}: match must be a glob without spaces, such as registry.internal/*"
+            )
+        if "@" in match:
+            raise ConfigError(
+                f"rule {i}: {match!r} names a digest; digests never change and follow no rule"
+            )
+        try:
+            ttl = parse_duration(item["ttl"])
+        except ConfigError as e:
+            raise ConfigError(f"rule {i} ({match}): ttl {e}") from None
+        host, slash, rest = match.partition("/")
+        rules.append(TagRule(display_name(host) + slash + rest, ttl))
+    return tuple(rules)
 
 
 def parse_dns_names(value: Any) -> tuple[str, ...]:
@@ -417,10 +480,13 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "upstream_timeout": lambda v: parse_positive_duration(v),
     "mirror_default_registry": lambda v: parse_mirror_registry(v),
     "mirror_names": lambda v: parse_mirror_names(v),
+    "tag_rules": parse_tag_rules,
+    "admin_socket": parse_optional_path,
+    "pinned": lambda v: parse_pinned(v),
 }
 
 # Keys whose environment value is YAML rather than a plain string (lists of mappings).
-_YAML_ENV_KEYS = {"users"}
+_YAML_ENV_KEYS = {"users", "tag_rules"}
 # Variables with the prefix that belong to other tools (make config), not to the server.
 _FOREIGN_ENV = {
     "HOST",
@@ -496,6 +562,10 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     if values.get("tag_ttl", Config.tag_ttl) > values.get("stale_if_error", Config.stale_if_error):
         log.warning("stale_if_error is shorter than tag_ttl: stale tags will never be served")
     bundle = values.get("upstream_ca_bundle")
-    if bundle is not None and not bundle.is_file():
+    try:
+        bundle_ok = bundle is None or bundle.is_file()
+    except OSError as e:  # a folder this user may not enter (a tool run by another user)
+        raise ConfigError(f"config key 'upstream_ca_bundle': {bundle}: {e.strerror}") from None
+    if not bundle_ok:
         raise ConfigError(f"config key 'upstream_ca_bundle': {bundle} is not a readable file")
     return Config(**values)

@@ -201,10 +201,11 @@ class ConnectDoor:
         rest: bytes,
     ) -> bool:
         """Serves a CONNECT; True once the connection (and its slot) has a new owner."""
+        host = ""  # known once the request line parsed: the registry of the metrics
 
         def refuse(status: int, message: str, extra: str = "") -> bool:
             log.info("CONNECT from %s refused (%d): %s", client, status, message)
-            self.metrics.requests.labels("connect", "denied", "connect").inc()
+            self.metrics.request(host, "connect", "denied", "connect")
             transport.write(raw_response(status, message, extra))
             transport.close()
             return False
@@ -267,7 +268,7 @@ class ConnectDoor:
                 upstream.write(rest)
             transport.set_protocol(_Pipe(upstream, slot))
             transport.resume_reading()
-            self.metrics.requests.labels("tunnel", "pass", "connect").inc()
+            self.metrics.request(host, "tunnel", "pass", "connect")
             log.info("%s tunnel %s:%d", client, host, port)
             return True
         if rest:

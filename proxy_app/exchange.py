@@ -32,6 +32,12 @@ class Exchange:
     # The client's shares of upstream connections this request holds (released at its end).
     share: RequestShare | None = None
     door: str = "connect"  # how the client came: CONNECT (or absolute-form) or the mirror
+    repository: str = ""  # the repository the request names, once its route is parsed
+
+    @property
+    def what(self) -> str:
+        """The request's subject for the status page: repository, else the path."""
+        return self.repository or self.path.split("?", 1)[0]
 
     def prepared(self, response: web.StreamResponse) -> None:
         self.response = response

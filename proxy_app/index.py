@@ -1,7 +1,9 @@
-"""The SQLite index: what the store holds (size, media type, last access) and tag answers.
+"""The SQLite index: what the store holds (size, media type, last access), tag answers,
+links, pulls and pinned images.
 
 WAL mode with one transaction per change keeps it consistent through a crash. Access
-times are updated in memory and flushed in batches, so a cache HIT costs no disk write.
+times and pull counts are updated in memory and flushed in batches, so a cache HIT costs
+no disk write.
 """
 
 from __future__ import annotations
@@ -34,19 +36,32 @@ CREATE TABLE IF NOT EXISTS tags (
     PRIMARY KEY (host, name, tag, variant)
 );
 -- Where each digest was seen: registry (Origin.key), repository, and, for a manifest,
--- the media type that registry gave it (another registry's label never replaces it).
+-- the media type that registry gave it (another registry's label never replaces it), and
+-- how often and when a client last pulled (GET) the manifest there.
 CREATE TABLE IF NOT EXISTS links (
-    host       TEXT NOT NULL,
-    name       TEXT NOT NULL,
-    digest     TEXT NOT NULL,
-    media_type TEXT,
-    linked_at  REAL NOT NULL,
+    host        TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    media_type  TEXT,
+    linked_at   REAL NOT NULL,
+    pulls       INTEGER NOT NULL DEFAULT 0,
+    last_pulled REAL,
     PRIMARY KEY (host, name, digest)
 );
 CREATE INDEX IF NOT EXISTS links_by_digest ON links(digest);
 CREATE TABLE IF NOT EXISTS stats (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
+);
+-- Images kept whatever max_size and inactive say: registry (netloc, as tags name it),
+-- repository, tag or digest; source `admin` (registry-cache pin) or `config` (pinned:).
+CREATE TABLE IF NOT EXISTS pins (
+    host      TEXT NOT NULL,
+    name      TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    source    TEXT NOT NULL,
+    pinned_at REAL NOT NULL,
+    PRIMARY KEY (host, name, reference, source)
 );
 """
 
@@ -63,8 +78,38 @@ class Link:
     media_type: str | None
 
 
-# PRAGMA user_version: 0 before links existed, 1 once an older cache's links are rebuilt.
-SCHEMA_VERSION = 1
+@dataclass(frozen=True)
+class TagRow:
+    host: str
+    name: str
+    tag: str
+    digest: str
+    media_type: str
+    checked_at: float
+
+
+@dataclass(frozen=True)
+class ManifestLink:
+    host: str  # Origin.key: netloc, or http://netloc for a plain-HTTP registry
+    name: str
+    digest: str
+    media_type: str
+    pulls: int
+    last_pulled: float | None
+
+
+@dataclass(frozen=True)
+class Pin:
+    host: str
+    name: str
+    reference: str  # a tag or a digest
+    source: str  # "admin" or "config"
+
+
+# PRAGMA user_version: 0 before links existed, 1 once an older cache's links are rebuilt,
+# 2 once links count pulls (columns added in place: nothing to rebuild).
+LINKS_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -83,12 +128,25 @@ class Index:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._pending_access: dict[str, float] = {}
+        # (links.host, name, digest) -> (pulls, last pulled) not yet written
+        self._pending_pulls: dict[tuple[str, str, str], tuple[int, float]] = {}
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        self._add_pull_columns()
         # A cache made before links existed: its links are to be rebuilt (needs the store,
         # so the app does it: store_maintenance.link_tagged_content). A new one has none.
-        self.needs_links = version < SCHEMA_VERSION and self.count() > 0
+        self.needs_links = version < LINKS_VERSION and self.count() > 0
         if not self.needs_links and version < SCHEMA_VERSION:
             self.set_schema_version()
+
+    def _add_pull_columns(self) -> None:
+        """Version 2: a links table made before pulls were counted gets their columns."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(links)")}
+        with self._db:
+            self._db.execute("BEGIN")
+            if "pulls" not in columns:
+                self._db.execute("ALTER TABLE links ADD COLUMN pulls INTEGER NOT NULL DEFAULT 0")
+            if "last_pulled" not in columns:
+                self._db.execute("ALTER TABLE links ADD COLUMN last_pulled REAL")
 
     @classmethod
     def open_or_rebuild(cls, path: Path) -> tuple[Index, bool]:
@@ -157,6 +215,7 @@ class Index:
         self._pending_access[digest] = time.time()
 
     def flush_access(self) -> None:
+        self._flush_pulls()
         if not self._pending_access:
             return
         pending, self._pending_access = self._pending_access, {}
@@ -194,10 +253,12 @@ class Index:
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM blobs").fetchone()[0])
 
-    def least_recently_used(self, limit: int = 100) -> list[BlobEntry]:
+    def least_recently_used(self, limit: int = 100, offset: int = 0) -> list[BlobEntry]:
+        """The `limit` least recently used blobs after the first `offset` (those skipped)."""
         rows = self._db.execute(
-            "SELECT digest, size, media_type, last_access FROM blobs ORDER BY last_access LIMIT ?",
-            (limit,),
+            "SELECT digest, size, media_type, last_access FROM blobs "
+            "ORDER BY last_access, digest LIMIT ? OFFSET ?",
+            (limit, offset),
         ).fetchall()
         return [BlobEntry(*r) for r in rows]
 
@@ -297,3 +358,138 @@ class Index:
     def all_tags(self) -> list[tuple[str, str, str, str]]:
         """(host, name, digest, media_type) of every tag answer."""
         return list(self._db.execute("SELECT DISTINCT host, name, digest, media_type FROM tags"))
+
+    def tag_rows(self) -> list[TagRow]:
+        """Every tag answer (one per Accept variant)."""
+        return [
+            TagRow(*row)
+            for row in self._db.execute(
+                "SELECT host, name, tag, digest, media_type, checked_at FROM tags"
+            )
+        ]
+
+    def tags_of(self, host: str, name: str, tag: str) -> list[TagRow]:
+        return [
+            TagRow(*row)
+            for row in self._db.execute(
+                "SELECT host, name, tag, digest, media_type, checked_at FROM tags "
+                "WHERE host=? AND name=? AND tag=?",
+                (host, name, tag),
+            )
+        ]
+
+    def drop_tags(self, host: str, name: str, tag: str | None, digest: str | None = None) -> int:
+        """Removes the answers of a tag (every variant), or those naming digest in a
+        repository (tag None); how many went."""
+        if tag is not None:
+            cursor = self._db.execute(
+                "DELETE FROM tags WHERE host=? AND name=? AND tag=?", (host, name, tag)
+            )
+        else:
+            cursor = self._db.execute(
+                "DELETE FROM tags WHERE host=? AND name=? AND digest=?", (host, name, digest)
+            )
+        return cursor.rowcount
+
+    def expire_tag(self, host: str, name: str, tag: str, checked_at: float) -> int:
+        """Makes a tag's answers look checked at `checked_at` at the latest (refresh)."""
+        cursor = self._db.execute(
+            "UPDATE tags SET checked_at=min(checked_at, ?) WHERE host=? AND name=? AND tag=?",
+            (checked_at, host, name, tag),
+        )
+        return cursor.rowcount
+
+    # --- pulls of manifests (counted in memory, written with the access times) ------------
+
+    def count_pull(self, host: str, name: str, digest: str) -> None:
+        key = (host, name, digest)
+        count, _ = self._pending_pulls.get(key, (0, 0.0))
+        self._pending_pulls[key] = (count + 1, time.time())
+
+    def _flush_pulls(self) -> None:
+        if not self._pending_pulls:
+            return
+        pending, self._pending_pulls = self._pending_pulls, {}
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany(
+                    "UPDATE links SET pulls=pulls+?, last_pulled=max(coalesce(last_pulled, 0), ?)"
+                    " WHERE host=? AND name=? AND digest=?",
+                    [(n, at, *key) for key, (n, at) in pending.items()],
+                )
+        except sqlite3.Error:
+            for key, (n, at) in pending.items():  # kept for the next flush
+                count, last = self._pending_pulls.get(key, (0, 0.0))
+                self._pending_pulls[key] = (count + n, max(at, last))
+            raise
+
+    def manifest_links(self) -> list[ManifestLink]:
+        """Every link of a manifest (a digest with the media type its registry gave it)."""
+        return [
+            ManifestLink(*row)
+            for row in self._db.execute(
+                "SELECT host, name, digest, media_type, pulls, last_pulled FROM links "
+                "WHERE media_type IS NOT NULL"
+            )
+        ]
+
+    def remove_links(self, hosts: tuple[str, ...], name: str, digests: set[str]) -> None:
+        if not digests:
+            return
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "DELETE FROM links WHERE host=? AND name=? AND digest=?",
+                [(host, name, d) for host in hosts for d in digests],
+            )
+
+    # --- pinned images ------------------------------------------------------------------
+
+    def pins(self) -> list[Pin]:
+        return [
+            Pin(*row)
+            for row in self._db.execute(
+                "SELECT host, name, reference, source FROM pins ORDER BY host, name, reference"
+            )
+        ]
+
+    def add_pin(self, pin: Pin) -> bool:
+        """True when it was not pinned so already."""
+        cursor = self._db.execute(
+            "INSERT OR IGNORE INTO pins(host, name, reference, source, pinned_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (pin.host, pin.name, pin.reference, pin.source, time.time()),
+        )
+        return cursor.rowcount > 0
+
+    def remove_pin(self, pin: Pin) -> bool:
+        """True when it was pinned so."""
+        cursor = self._db.execute(
+            "DELETE FROM pins WHERE host=? AND name=? AND reference=? AND source=?",
+            (pin.host, pin.name, pin.reference, pin.source),
+        )
+        return cursor.rowcount > 0
+
+    def set_config_pins(self, pins: list[Pin]) -> tuple[int, int]:
+        """Makes the pins of source `config` exactly `pins`: (added, removed)."""
+        wanted = {(p.host, p.name, p.reference) for p in pins}
+        now = time.time()
+        with self._db:
+            self._db.execute("BEGIN")
+            held = {
+                tuple(row)
+                for row in self._db.execute(
+                    "SELECT host, name, reference FROM pins WHERE source='config'"
+                )
+            }
+            self._db.executemany(
+                "DELETE FROM pins WHERE host=? AND name=? AND reference=? AND source='config'",
+                sorted(held - wanted),
+            )
+            self._db.executemany(
+                "INSERT INTO pins(host, name, reference, source, pinned_at) "
+                "VALUES (?, ?, ?, 'config', ?)",
+                [(*key, now) for key in sorted(wanted - held)],
+            )
+        return len(wanted - held), len(held - wanted)

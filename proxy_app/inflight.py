@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
+from typing import Any
 
 from .blobs import BlobReader, BlobStore, BlobWriter
 
@@ -44,7 +46,24 @@ class BlobFetch:
         # repository the link made once it is stored.
         self.origin = ""
         self.source: tuple[str, str] | None = None
+        self.began = time.time()  # wall time, for the status page
         self._progress = asyncio.Event()
+
+    @property
+    def written(self) -> int:
+        return self.writer.written if self.writer else 0
+
+    def progress(self) -> dict[str, Any]:
+        """How far it is, for the status page: bytes so far of its size (None: unknown)."""
+        return {
+            "registry": self.origin,
+            "repository": self.source[1] if self.source else "",
+            "digest": self.digest,
+            "bytes": self.written,
+            "size": self.size,
+            "began": self.began,
+            "verified": self.verified,
+        }
 
     # --- writer side --------------------------------------------------------------------
 
@@ -87,7 +106,7 @@ class BlobFetch:
 
     def readable(self) -> int:
         """Bytes a reader may take now: all once verified, else all but the last one."""
-        written = self.writer.written if self.writer else 0
+        written = self.written
         return written if self.verified else max(written - 1, 0)
 
     async def wait_beyond(self, offset: int, end: int | None = None) -> int:
@@ -165,6 +184,10 @@ class InflightFetches:
 
     def __len__(self) -> int:
         return len(self._fetches)
+
+    def progress(self) -> list[dict[str, Any]]:
+        """Each fetch under way and how far it is, the oldest first."""
+        return sorted((f.progress() for f in self._fetches.values()), key=lambda p: p["began"])
 
     def _changed(self) -> None:
         if self._on_change:

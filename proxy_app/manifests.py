@@ -1,9 +1,10 @@
-"""Manifests: immutable by digest, and the tag policy (tag_ttl, revalidation, stale_if_error).
+"""Manifests: immutable by digest, and tags' answers (trust, revalidation, stale_if_error).
 
 A manifest's bytes are kept in the blob store under their digest, its media type in
 the index. A tag's answer is kept per Accept variant (a client asking for OCI indexes
 and one asking for Docker schema 2 may get different manifests for the same tag). It
-is trusted for `tag_ttl`; after that an upstream HEAD revalidates it (Docker Hub does
+is trusted for the time tag_policy.py gives its tag (the first of `tag_rules` that
+matches, else `tag_ttl`); after that an upstream HEAD revalidates it (Docker Hub does
 not count a HEAD against the pull limit), and when upstream fails the cached answer
 is served as STALE for up to `stale_if_error`.
 """
@@ -30,6 +31,7 @@ from .links import RepositoryLinks, refusal
 from .media_types import DOCKER_MANIFEST, INDEX_TYPES, SCHEMA1_TYPES, STORED_MANIFEST_TYPES
 from .responses import API_VERSION, CACHE_HEADER, error_response, read_body, relay
 from .routes import Route
+from .tag_policy import TagPolicy
 from .upstream import UPSTREAM_ERRORS, Origin, describe
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ class ManifestCache:
         self.metrics = ctx.metrics
         self.executor = ctx.executor
         self.on_store_error = ctx.maintenance.store_failed
+        self.tag_policy = TagPolicy(ctx.config.tag_rules, ctx.config.tag_ttl)
 
     # --- answers ------------------------------------------------------------------------
 
@@ -113,7 +116,8 @@ class ManifestCache:
         self, request: web.BaseRequest, body: bytes, media_type: str, digest: str, ex: Exchange
     ) -> web.Response:
         ex.sent = 0 if request.method == "HEAD" else len(body)
-        self.metrics.bytes.labels("upstream" if ex.result == "MISS" else "cache").inc(ex.sent)
+        source = "upstream" if ex.result == "MISS" else "cache"
+        self.metrics.sent(ex.host, source, ex.sent, ex.repository)
         return web.Response(
             body=body,
             headers={
@@ -187,8 +191,8 @@ class ManifestCache:
         return body, media_type, digest
 
     def _invalid(self, origin: Origin, error: Exception, ex: Exchange) -> web.Response:
-        self.metrics.upstream_errors.inc()
         ex.note = str(error)
+        self.metrics.upstream_error(origin.netloc, f"bad manifest: {error}", ex.what)
         log.error("refusing manifest from %s: %s", origin.netloc, error)
         return error_response(
             502,
@@ -209,7 +213,7 @@ class ManifestCache:
         method: str = "GET",
     ) -> aiohttp.ClientResponse:
         """The manifest as the registry has it (exact bytes), its head before `deadline`."""
-        return await self.upstream.request(
+        response = await self.upstream.request(
             method,
             origin,
             ex.path,
@@ -219,6 +223,8 @@ class ManifestCache:
             share=ex.share,
             deadline=deadline,
         )
+        self.metrics.dockerhub_answer(origin.host, response.headers)
+        return response
 
     async def _relay(
         self,
@@ -230,11 +236,27 @@ class ManifestCache:
         """Upstream's refusal, relayed as it is (its body too must come before `deadline`)."""
         async with asyncio.timeout_at(deadline):
             response, ex.sent = await relay(request, upstream, "MISS", ex.prepared)
+        self.metrics.sent(ex.host, "upstream", ex.sent, ex.repository)
+        return response
+
+    def _count_pull(
+        self, request: web.BaseRequest, origin: Origin, route: Route, response: web.StreamResponse
+    ) -> web.StreamResponse:
+        """A manifest a client got (GET, 200) counts as a pull of it there (`ls`)."""
+        digest = response.headers.get("Docker-Content-Digest")
+        if request.method == "GET" and response.status == 200 and digest:
+            self.index.count_pull(origin.key, route.name, digest)
         return response
 
     # --- by digest ----------------------------------------------------------------------
 
     async def by_digest(
+        self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
+    ) -> web.StreamResponse:
+        response = await self._by_digest(request, origin, route, ex)
+        return self._count_pull(request, origin, route, response)
+
+    async def _by_digest(
         self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
     ) -> web.StreamResponse:
         deadline = self._deadline()
@@ -326,6 +348,12 @@ class ManifestCache:
     async def by_tag(
         self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
     ) -> web.StreamResponse:
+        response = await self._by_tag(request, origin, route, ex)
+        return self._count_pull(request, origin, route, response)
+
+    async def _by_tag(
+        self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
+    ) -> web.StreamResponse:
         variant = accept_variant(request.headers.getall("Accept", []))
         key = (origin.netloc, route.name, route.reference, variant)
         fresh = self._fresh_tag(request, key, variant, ex)
@@ -356,7 +384,7 @@ class ManifestCache:
         self, request: web.BaseRequest, key: tuple[str, str, str, str], variant: str, ex: Exchange
     ) -> web.Response | None:
         entry = self._tag_entry(key, variant)
-        if entry is None or time.time() - entry.checked_at >= self.config.tag_ttl:
+        if entry is None or time.time() - entry.checked_at >= self.tag_policy.ttl_for(*key[:3]):
             return None
         cached = self._cached_body(entry.digest)
         if cached is None:
@@ -374,7 +402,7 @@ class ManifestCache:
         ex: Exchange,
         deadline: float,
     ) -> web.StreamResponse:
-        """A tag whose cached answer is missing or older than tag_ttl."""
+        """A tag whose cached answer is missing or older than its tag policy allows."""
         entry = self._tag_entry(key, variant)
         cached = self._cached_body(entry.digest) if entry else None
         age = time.time() - entry.checked_at if entry else 0.0
@@ -453,7 +481,7 @@ class ManifestCache:
         try:
             head = await self._get(request, origin, ex, deadline, "HEAD")
         except UPSTREAM_ERRORS as e:
-            self.metrics.upstream_errors.inc()
+            self.metrics.upstream_error(origin.netloc, f"unreachable: {describe(e)}", ex.what)
             if stale_ok:
                 ex.result, ex.note = "STALE", f"upstream unreachable: {describe(e)}"
                 return True
@@ -464,8 +492,8 @@ class ManifestCache:
                 ex.note = "revalidated"
                 return True
             if stale_ok and _upstream_failed(head.status):
-                self.metrics.upstream_errors.inc()
                 ex.result, ex.note = "STALE", f"upstream answered {head.status}"
+                self.metrics.upstream_error(origin.netloc, ex.note, ex.what)
                 return True
         finally:
             head.release()
@@ -480,7 +508,7 @@ class ManifestCache:
         cause: object,
         ex: Exchange,
     ) -> web.Response:
-        self.metrics.upstream_errors.inc()
         why = describe(cause) if isinstance(cause, BaseException) else str(cause)
         ex.result, ex.note = "STALE", f"upstream {origin.netloc} failed: {why}"
+        self.metrics.upstream_error(origin.netloc, ex.note, ex.what)
         return self._answer(request, cached, entry.media_type, entry.digest, ex)

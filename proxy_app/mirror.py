@@ -35,6 +35,7 @@ from yarl import URL
 
 from .connections import TLS_HANDSHAKE_TIMEOUT, Holding, Slot, feed_read_bytes
 from .destinations import DestinationRefused, valid_host_name
+from .registry_names import DOCKER_HUB, DOCKER_HUB_NAMES
 from .responses import API_VERSION, CACHE_HEADER, error_response
 from .routes import PUSH_METHODS
 from .upstream import Origin
@@ -47,8 +48,6 @@ log = logging.getLogger(__name__)
 CHECKED_FOR = 10.0  # seconds a registry's passed destination check is taken as it is
 CHECKED_KEPT = 1024  # registries remembered so at most
 
-DOCKER_HUB = "registry-1.docker.io"
-DOCKER_HUB_NAMES = frozenset({"docker.io", "index.docker.io", DOCKER_HUB})
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 
 

@@ -17,44 +17,19 @@ from pathlib import Path
 import aiohttp
 
 from .content_coding import EXACT_BYTES, ContentCodingError, decode_body
+from .image_ref import ImageRef, ImageRefInvalid, parse_image_ref
 from .media_types import IMAGE_MANIFEST_TYPES, INDEX_TYPES, MANIFEST_TYPES
-
-DOCKER_HUB = "registry-1.docker.io"
 
 
 class PrefetchError(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class ImageRef:
-    registry: str
-    name: str
-    reference: str
-
-    @classmethod
-    def parse(cls, text: str) -> ImageRef:
-        """`alpine`, `ghcr.io/org/app:1.2`, `registry:5000/app@sha256:...` (Docker's rules)."""
-        rest, reference = text, "latest"
-        if "@" in rest:
-            rest, reference = rest.split("@", 1)
-        elif re.search(r":[\w][\w.-]*$", rest.rsplit("/", 1)[-1]):
-            rest, reference = rest.rsplit(":", 1)
-        first, _, remainder = rest.partition("/")
-        if remainder and ("." in first or ":" in first or first == "localhost"):
-            registry, name = first, remainder
-        else:
-            registry, name = "docker.io", rest
-        if registry in ("docker.io", "index.docker.io"):
-            registry = DOCKER_HUB
-            if "/" not in name:
-                name = f"library/{name}"
-        if not re.fullmatch(
-            r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*",
-            name,
-        ):
-            raise PrefetchError(f"{text!r} is not an image reference")
-        return cls(registry, name, reference)
+def parse_ref(text: str) -> ImageRef:
+    try:
+        return parse_image_ref(text)
+    except ImageRefInvalid as e:
+        raise PrefetchError(f"{text!r} is not an image reference: {e}") from None
 
 
 @dataclass
@@ -82,7 +57,7 @@ class Prefetcher:
         self._tokens: dict[tuple[str, str], str] = {}
 
     async def run(self, images: list[str]) -> list[PrefetchReport]:
-        refs = [ImageRef.parse(i) for i in images]
+        refs = [parse_ref(i) for i in images]
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=self.ssl),
@@ -101,7 +76,7 @@ class Prefetcher:
         url = f"https://{ref.registry}{path}"
         for _ in range(2):
             headers = {"Accept": accept} if accept else {}
-            token = self._tokens.get((ref.registry, ref.name))
+            token = self._tokens.get((ref.registry, ref.repository))
             if token:
                 headers["Authorization"] = f"Bearer {token}"
             response = await self.session.get(url, headers=headers, proxy=self.proxy_url)
@@ -121,7 +96,7 @@ class Prefetcher:
         realm = challenge.get("realm")
         if not realm:
             raise PrefetchError(f"{ref.registry} asks for a token without naming a realm")
-        params = {"scope": f"repository:{ref.name}:pull"}
+        params = {"scope": f"repository:{ref.repository}:pull"}
         if "service" in challenge:
             params["service"] = challenge["service"]
         # No credentials here: the proxy adds those it holds for the realm's host.
@@ -135,12 +110,12 @@ class Prefetcher:
         token = data.get("token") or data.get("access_token")
         if not token:
             raise PrefetchError(f"token endpoint {realm} returned no token")
-        self._tokens[(ref.registry, ref.name)] = token
+        self._tokens[(ref.registry, ref.repository)] = token
 
     async def _image(self, ref: ImageRef, text: str) -> PrefetchReport:
         report = PrefetchReport(text)
         response = await self._get(
-            ref, f"/v2/{ref.name}/manifests/{ref.reference}", ",".join(MANIFEST_TYPES)
+            ref, f"/v2/{ref.repository}/manifests/{ref.reference}", ",".join(MANIFEST_TYPES)
         )
         manifest, media_type = await self._manifest(response, report)
         if media_type in INDEX_TYPES or "manifests" in manifest:
@@ -150,7 +125,7 @@ class Prefetcher:
             for entry in wanted:
                 child = await self._get(
                     ref,
-                    f"/v2/{ref.name}/manifests/{entry['digest']}",
+                    f"/v2/{ref.repository}/manifests/{entry['digest']}",
                     entry.get("mediaType") or ",".join(IMAGE_MANIFEST_TYPES),
                 )
                 image, _ = await self._manifest(child, report)
@@ -192,7 +167,7 @@ class Prefetcher:
         for descriptor in descriptors:
             if not isinstance(descriptor, dict) or "digest" not in descriptor:
                 continue
-            response = await self._get(ref, f"/v2/{ref.name}/blobs/{descriptor['digest']}")
+            response = await self._get(ref, f"/v2/{ref.repository}/blobs/{descriptor['digest']}")
             try:
                 async for chunk in response.content.iter_chunked(1 << 20):
                     report.bytes += len(chunk)

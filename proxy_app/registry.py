@@ -102,15 +102,15 @@ class RegistryProxy:
             elif isinstance(e, FetchFailed):
                 message = f"fetching from {origin.netloc} failed: {describe(e)}"
             elif isinstance(e, TimeoutError):
-                self.metrics.upstream_errors.inc()
                 status, ex.note = 504, "upstream timeout"
                 message = (
                     f"upstream registry {origin.netloc} did not answer in time (the cache waits "
                     f"up to upstream_timeout, {self.config.upstream_timeout:g} s)"
                 )
+                self.metrics.upstream_error(origin.netloc, message, ex.what)
             else:
-                self.metrics.upstream_errors.inc()
                 message = f"upstream registry {origin.netloc} cannot be reached: {describe(e)}"
+                self.metrics.upstream_error(origin.netloc, message, ex.what)
             response = self._cut(request, ex) or error_response(
                 status, "UNAVAILABLE", message, ex.result
             )
@@ -127,7 +127,9 @@ class RegistryProxy:
             share.release()
         response.headers.setdefault(CACHE_HEADER, ex.result)
         ex.status = response.status
-        self.metrics.requests.labels(ex.kind, ex.result.lower(), ex.door).inc()
+        self.metrics.request(
+            origin.netloc, ex.kind, ex.result.lower(), ex.door, ex.repository, ex.note
+        )
         if ex.kind in ("blob", "manifest", "tag") and ex.result in ("HIT", "MISS", "STALE"):
             key = {"HIT": "hits", "MISS": "misses", "STALE": "stales"}[ex.result]
             self.pending_stats[key] = self.pending_stats.get(key, 0) + 1
@@ -177,7 +179,7 @@ class RegistryProxy:
                 )
             return await self.pass_through(request, origin, ex)
         route = parse_route(raw)
-        ex.kind = route.kind.value
+        ex.kind, ex.repository = route.kind.value, route.name or ""
         if route.name and not may_access(user, origin.netloc, route.name):
             ex.result = "DENIED"
             return error_response(
@@ -253,12 +255,12 @@ class RegistryProxy:
                 # A registry we hold tags of is down: answer the API ping ourselves so that
                 # clients go on to the manifests and blobs the cache can still serve.
                 ex.result, ex.note = "STALE", "upstream unreachable, ping answered locally"
-                self.metrics.upstream_errors.inc()
+                self.metrics.upstream_error(origin.netloc, describe(e), ex.what)
                 return web.json_response({}, headers={CACHE_HEADER: "STALE", **API_VERSION})
             raise
         try:
             response, ex.sent = await relay(request, upstream, result, ex.prepared)
-            self.metrics.bytes.labels("upstream").inc(ex.sent)
+            self.metrics.sent(origin.netloc, "upstream", ex.sent, ex.repository)
             return response
         finally:
             upstream.release()

@@ -22,7 +22,7 @@ from typing import Any, cast
 from aiohttp import web
 from yarl import URL
 
-from . import __version__
+from . import __version__, status_page
 from .ca import CertificateAuthority, trust_bundle
 from .config import Config, ProxyUser, default_mirror_names
 from .connect_door import ConnectDoor
@@ -192,8 +192,12 @@ class ProxyServer:
         registry: RegistryProxy,
         metrics: Metrics,
         health: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
+        status: Callable[[], dict[str, Any]] | None = None,
+        admin: Callable[[web.BaseRequest, str], Awaitable[web.Response]] | None = None,
     ) -> None:
         self.config = config
+        self.status = status
+        self.admin = admin
         self.ca = ca
         self.registry = registry
         self.metrics = metrics
@@ -313,6 +317,8 @@ class ProxyServer:
         target = request.raw_path
         if is_mirror_path(target):
             return await self.mirror.handle(request)
+        if target == "/admin" or target.startswith("/admin/"):
+            return await self._admin(request, client)
         if target.startswith("/"):
             return await self._own_page(request)
         if not self.client_allowed(client):
@@ -382,6 +388,44 @@ class ProxyServer:
         origin = Origin("http", host, port)
         return await self.registry.serve(request, origin, client, user, path)
 
+    async def _admin(self, request: web.BaseRequest, client: str) -> web.StreamResponse:
+        """The admin API (admin.py) for loopback clients that authenticate (Authorization:
+        Basic) as a proxy user with `admin: true`; the admin socket is the usual way."""
+        headers = {CACHE_HEADER: "PASS"}
+
+        def refuse(status: int, message: str, **extra: str) -> web.Response:
+            log.warning("admin API refused to %s: %s", client, message)
+            return web.json_response(
+                {"error": message}, status=status, headers={**headers, **extra}
+            )
+
+        if self.admin is None:
+            return refuse(404, "no admin API here")
+        if not is_loopback(client):
+            return refuse(
+                403,
+                "the admin API answers loopback clients only; on the cache host, run "
+                "registry-cache ls|purge|pin|unpin|refresh as root or the service user",
+            )
+        if not any(u.admin for u in self.config.users):
+            return refuse(
+                403,
+                "the admin API on the listener needs a proxy user with admin: true in `users`; "
+                "or use the admin socket (registry-cache ls, as root or the service user)",
+            )
+        user = await self.auth.authenticate(request.headers.get("Authorization"))
+        if user is None:
+            return refuse(
+                401,
+                "send Authorization: Basic with a proxy user that has admin: true",
+                **{"WWW-Authenticate": 'Basic realm="registry-cache admin"'},
+            )
+        if not user.admin:
+            return refuse(403, f"proxy user {user.name} is not an admin (admin: true in `users`)")
+        response = await self.admin(request, f"user {user.name} from {client}")
+        response.headers.update(headers)
+        return response
+
     async def _own_page(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
         headers = {CACHE_HEADER: "PASS"}
@@ -415,13 +459,57 @@ class ProxyServer:
                 body=self.metrics.render(), headers={**headers, "Content-Type": CONTENT_TYPE}
             )
         if path == "/":
-            return web.Response(
-                text=f"registry-cache {__version__}: a caching proxy for container registries; "
-                "set HTTPS_PROXY to this address and trust /ca.crt\n",
-                headers=headers,
-            )
+            return await self._status_page(request, headers)
         return web.Response(
             status=404,
             text="not found: this proxy serves /, /ca.crt, /healthz, /metrics\n",
             headers=headers,
         )
+
+    async def _status_page(
+        self, request: web.BaseRequest, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """The status page, for allowed clients only (loopback too only when allowed), and
+        when proxy `users` are configured, for admin users only (`Authorization: Basic`,
+        which a browser asks for after the 401)."""
+        headers = {**headers, "Cache-Control": "no-store"}
+        client = request.remote or "-"
+        if not self.client_allowed(client):
+            return web.Response(status=403, text=refused_client(client) + "\n", headers=headers)
+        user = None
+        if self.auth.enabled:
+            user = await self.auth.authenticate(request.headers.get("Authorization"))
+            if user is None:
+                return web.Response(
+                    status=401,
+                    text="the status page is for the admin users of this cache: log in with "
+                    "the name and password of a `users` entry that has admin: true\n",
+                    headers={**headers, "WWW-Authenticate": 'Basic realm="registry-cache"'},
+                )
+            if not user.admin:
+                return web.Response(
+                    status=403,
+                    text=f"user {user.name} may not read the status page: it is for users "
+                    "with admin: true in the cache's `users`\n",
+                    headers=headers,
+                )
+        if self.status is None:
+            return web.Response(
+                text=f"registry-cache {__version__}: a caching proxy for container registries; "
+                "set HTTPS_PROXY to this address and trust /ca.crt\n",
+                headers=headers,
+            )
+        data = self.status()
+        if self.config.verify_client_access and user is None:
+            data = status_page.without_repositories(data)
+        if _wants_json(request.headers.get("Accept", "")):
+            return web.json_response(data, headers=headers)
+        return web.Response(
+            text=status_page.render(data), content_type="text/html", headers=headers
+        )
+
+
+def _wants_json(accept: str) -> bool:
+    """JSON when the client asks for it and not for HTML (a browser asks for HTML)."""
+    types = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
+    return "application/json" in types and "text/html" not in types

@@ -1,18 +1,20 @@
 """Keeping the store within its promises: start-up reconciliation, the size bound
-(least recently used first), expiry of entries unused for `inactive`, and pins that keep
-a blob in place while a client reads it."""
+(least recently used first), expiry of entries unused for `inactive`, reader pins that
+keep a blob in place while a client reads it, and pinned images (`registry-cache pin`,
+config `pinned`), whose manifests, configs and layers neither ever evicts."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 from .blobs import FilesystemBlobStore
 from .config import Config
+from .image_graph import ImageGraph, named_by, stored_document
 from .index import BlobEntry, Index
 from .inflight import InflightFetches
 from .media_types import OCI_INDEX, OCI_MANIFEST
@@ -35,24 +37,10 @@ def file_digest(store: FilesystemBlobStore, digest: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
-MANIFEST_SNIFF_LIMIT = 4 << 20
-
-
-def _stored_document(store: FilesystemBlobStore, digest: str, size: int | None) -> dict | None:
-    """A stored blob read as a JSON object (a manifest), or None: too large, not JSON."""
-    if size is None or size > MANIFEST_SNIFF_LIMIT:
-        return None
-    try:
-        document = json.loads(store.path(digest).read_bytes())
-    except (ValueError, OSError):
-        return None
-    return document if isinstance(document, dict) else None
-
-
 def sniff_manifest_type(store: FilesystemBlobStore, digest: str, size: int) -> str | None:
     """The media type of a stored manifest whose index entry was lost (None for layers and
     configs), so that manifests stay servable after the index is rebuilt."""
-    document = _stored_document(store, digest, size)
+    document = stored_document(store, digest, size)
     if document is None or document.get("schemaVersion") != 2:
         return None
     media_type = document.get("mediaType")
@@ -63,22 +51,6 @@ def sniff_manifest_type(store: FilesystemBlobStore, digest: str, size: int) -> s
     if isinstance(document.get("layers"), list) and isinstance(document.get("config"), dict):
         return OCI_MANIFEST
     return None
-
-
-def _named_by(store: FilesystemBlobStore, digest: str) -> list[tuple[str, str | None]]:
-    """What a stored manifest names: (digest, media type for a manifest, else None)."""
-    document = _stored_document(store, digest, store.size(digest))
-    if document is None:
-        return []
-    named: list[tuple[str, str | None]] = []
-    for entry in document.get("manifests") or []:
-        if isinstance(entry, dict) and isinstance(entry.get("digest"), str):
-            media_type = entry.get("mediaType")
-            named.append((entry["digest"], media_type if isinstance(media_type, str) else None))
-    for entry in [document.get("config"), *(document.get("layers") or [])]:
-        if isinstance(entry, dict) and isinstance(entry.get("digest"), str):
-            named.append((entry["digest"], None))
-    return named
 
 
 class StoreMaintenance:
@@ -92,6 +64,7 @@ class StoreMaintenance:
         self.size = 0
         self._pins: Counter[str] = Counter()
         self._store_failing = False
+        self.graph = ImageGraph(store, index)
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -148,7 +121,7 @@ class StoreMaintenance:
             links[key] = media_type
             if media_type is None or depth > 1:
                 return
-            for child, child_type in _named_by(self.store, digest):
+            for child, child_type in named_by(self.store, digest):
                 link(host, name, child, child_type, depth + 1)
 
         for host, name, digest, media_type in self.index.all_tags():
@@ -197,34 +170,45 @@ class StoreMaintenance:
         self.size += size
         self.make_room(0)
 
+    def _candidates(self, inflight: InflightFetches | None, batch: int) -> Iterator[BlobEntry]:
+        """Blobs least recently used first, less those being read or fetched and those of
+        pinned images (worked out once, when a first candidate is asked for)."""
+        kept: set[str] | None = None
+        skipped = 0
+        while True:
+            entries = self.index.least_recently_used(batch, offset=skipped)
+            if not entries:
+                return
+            if kept is None:
+                kept = self.graph.pinned()
+            for entry in entries:
+                digest = entry.digest
+                if digest in self._pins or digest in kept or (inflight and inflight.busy(digest)):
+                    skipped += 1
+                    continue
+                yield entry  # evicted, or the caller is done: either way not seen again
+
     def make_room(self, incoming: int, inflight: InflightFetches | None = None) -> bool:
         """Evicts least recently used blobs until `incoming` more bytes fit in max_size.
         Returns False when pinned blobs alone leave no room."""
         self.index.flush_access()
-        while self.size + incoming > self.config.max_size:
-            victims = [
-                e
-                for e in self.index.least_recently_used(256)
-                if e.digest not in self._pins and not (inflight and inflight.busy(e.digest))
-            ]
-            if not victims:
-                self._publish()
-                return False
-            for entry in victims:
+        fits = True
+        if self.size + incoming > self.config.max_size:
+            fits = False
+            for entry in self._candidates(inflight, 256):
                 self._evict(entry)
                 if self.size + incoming <= self.config.max_size:
+                    fits = True
                     break
         self._publish()
-        return True
+        return fits
 
     def expire_inactive(self, inflight: InflightFetches | None = None) -> int:
         cutoff = time.time() - self.config.inactive
         expired = 0
-        for entry in self.index.least_recently_used(1000):
+        for entry in self._candidates(inflight, 1000):
             if entry.last_access >= cutoff:
                 break
-            if entry.digest in self._pins or (inflight and inflight.busy(entry.digest)):
-                continue
             self._evict(entry)
             expired += 1
         if expired:
@@ -232,7 +216,22 @@ class StoreMaintenance:
             self._publish()
         return expired
 
+    def remove(self, digest: str) -> int:
+        """Removes a blob (purge): the bytes freed, 0 when it was not stored."""
+        entry = self.index.blob(digest)
+        if entry is None:
+            return 0
+        self._remove(entry)
+        log.info("purged %s (%d bytes)", digest, entry.size)
+        self._publish()
+        return entry.size
+
     def _evict(self, entry: BlobEntry) -> None:
+        self._remove(entry)
+        self.metrics.evictions.inc()
+        log.info("evicted %s (%d bytes)", entry.digest, entry.size)
+
+    def _remove(self, entry: BlobEntry) -> None:
         """Removes a blob's entry, then its file; raises a STORE_ERRORS error, and changes
         nothing, when either cannot be done."""
         # The entry first: on a full or read-only disk it is the index write that fails,
@@ -249,8 +248,6 @@ class StoreMaintenance:
                 log.error("%s stays in the store unindexed until restart: %s", entry.digest, e)
             raise
         self.size -= entry.size
-        self.metrics.evictions.inc()
-        log.info("evicted %s (%d bytes)", entry.digest, entry.size)
 
     def _publish(self) -> None:
         self.metrics.size.set(self.size)

@@ -74,11 +74,14 @@ class TokenUnavailable(Exception):
 
 # (challenge, Authorization sent to the realm or "") -> (token, when to renew it)
 Fetch = Callable[[Challenge, str], Awaitable[tuple[str, float]]]
+# (registry the token is for, result: cached, fetched, refused or error), for the metrics
+Observe = Callable[[str, str], None]
 
 
 class TokenCache:
-    def __init__(self, fetch: Fetch) -> None:
+    def __init__(self, fetch: Fetch, observe: Observe | None = None) -> None:
         self._fetch = fetch
+        self._observe = observe or (lambda _registry, _result: None)
         self._tokens: OrderedDict[tuple[Challenge, str], tuple[str, float]] = OrderedDict()
         self._fetching: dict[tuple[Challenge, str], asyncio.Future[str]] = {}
 
@@ -87,17 +90,31 @@ class TokenCache:
         # Only a hash of the credential is kept beside the token.
         return challenge, hashlib.sha256(credential.encode()).hexdigest()
 
-    async def token(self, challenge: Challenge, credential: str) -> str:
+    async def token(self, challenge: Challenge, credential: str, registry: str = "") -> str:
+        """A token for `challenge`, held or fetched; `registry` (the one that asked for
+        it) is for the metrics only."""
         key = self._key(challenge, credential)
         held = self._tokens.get(key)
         if held is not None and held[1] > time.monotonic():
             self._tokens.move_to_end(key)
+            self._observe(registry, "cached")
             return held[0]
         fetching = self._fetching.get(key)
         if fetching is None:
             fetching = asyncio.ensure_future(self._get(key, challenge, credential))
             self._fetching[key] = fetching
             fetching.add_done_callback(lambda _f: self._fetching.pop(key, None))
+            try:
+                token = await asyncio.shield(fetching)
+            except TokenUnavailable:
+                self._observe(registry, "refused")
+                raise
+            except Exception:
+                self._observe(registry, "error")
+                raise
+            self._observe(registry, "fetched")
+            return token
+        self._observe(registry, "cached")  # joined another request's fetch
         return await asyncio.shield(fetching)
 
     async def _get(self, key: tuple[Challenge, str], challenge: Challenge, credential: str) -> str:

@@ -25,6 +25,7 @@ from yarl import URL
 from .config import Config, Credentials
 from .content_coding import EXACT_BYTES, ContentCodingError, decode_body
 from .destinations import DestinationPolicy, GuardedResolver, host_matches
+from .metrics import Metrics
 from .tokens import (
     MAX_TOKEN_RESPONSE,
     Challenge,
@@ -133,8 +134,9 @@ def forwardable(headers: Mapping[str, str]) -> CIMultiDict[str]:
 
 
 class Upstream:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self._config = config
+        self._metrics = metrics
         self._credentials: Mapping[str, Credentials] = config.auth_registries
         self._proxy = config.upstream_proxy
         ctx = ssl.create_default_context()
@@ -143,7 +145,7 @@ class Upstream:
         self._ssl = ctx
         self._policy = DestinationPolicy(config)
         self._session: aiohttp.ClientSession | None = None
-        self.tokens = TokenCache(self._fetch_token)
+        self.tokens = TokenCache(self._fetch_token, metrics.token if metrics else None)
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -186,6 +188,33 @@ class Upstream:
         return headers
 
     async def request(
+        self,
+        method: str,
+        origin: Origin,
+        path_and_query: str,
+        client_headers: Mapping[str, str],
+        **options: Any,
+    ) -> aiohttp.ClientResponse:
+        """Sends a request upstream (see _request); its answer's status class (or `error`
+        when none came) is counted per registry."""
+        try:
+            response = await self._request(
+                method, origin, path_and_query, client_headers, **options
+            )
+        except UpstreamRefused:
+            self._answered(origin, 401)  # the registry refused the cache's own token
+            raise
+        except UPSTREAM_ERRORS:
+            self._answered(origin, None)
+            raise
+        self._answered(origin, response.status)
+        return response
+
+    def _answered(self, origin: Origin, status: int | None) -> None:
+        if self._metrics is not None:
+            self._metrics.upstream_answer(origin.netloc, status)
+
+    async def _request(
         self,
         method: str,
         origin: Origin,
@@ -273,7 +302,7 @@ class Upstream:
         headers.popall("Authorization", None)
         for _ in range(2):
             try:
-                token = await self.tokens.token(challenge, credential)
+                token = await self.tokens.token(challenge, credential, origin.netloc)
             except TokenUnavailable as e:
                 raise self._refused(origin, path_and_query, f"no token: {e}") from e
             headers["Authorization"] = f"Bearer {token}"

@@ -133,8 +133,10 @@ def image_factory(tmp_path: Path, pki: Pki) -> Callable[..., Image]:
         ref: str,
         layer_sizes: list[int] | None = None,
         creds: tuple[str, str] | None = None,
+        base: Image | None = None,
     ) -> Image:
-        img = make_image(tmp_path / f"image-{next(counter)}", layer_sizes or [4096])
+        """`base`: an image whose layers this one starts with (shared blobs)."""
+        img = make_image(tmp_path / f"image-{next(counter)}", layer_sizes or [4096], base=base)
         push(img, ref, pki.cert_dir, creds)
         return img
 

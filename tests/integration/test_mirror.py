@@ -312,6 +312,10 @@ def test_token_auth_upstream_through_the_mirror(
     assert set(image.blob_digests) <= layout_blobs(tmp_path / "t")
     # One token for the repository's scope, reused for the manifest and every blob.
     assert len(issuer.seen) == 1, [s.path for s in issuer.seen]
+    tokens = "registry_cache_token_requests_total"
+    assert proxy.metric(tokens, registry=netloc, result="fetched") == 1
+    assert proxy.metric(tokens, registry=netloc, result="cached") >= len(image.blob_digests)
+    assert proxy.metric("registry_cache_upstream_responses_total", registry=netloc) > 0
     assert TOKEN_CREDS[1] not in proxy.output()
     # The registry saw only Bearer tokens (and an anonymous first try), never the password.
     assert all(

@@ -22,6 +22,8 @@ from support.registry import Registry
 from support.servers import AioThread, Front
 from support.topology import PRIVATE_CREDS, Pki
 
+from proxy_app.index import SCHEMA_VERSION
+
 pytestmark = pytest.mark.integration
 
 TEAM = ("team", "team-pass-1")
@@ -202,5 +204,6 @@ def test_a_cache_from_before_links_migrates_and_keeps_the_new_checks(
     res = get(proxy, registry.netloc, f"/v2/old/other/blobs/{image.layer_digests[0]}")
     assert res.status == 404
     db = sqlite3.connect(proxy.cache_dir / "index.sqlite3")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    # migrated to the current schema (2: links count pulls, for `registry-cache ls`)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     db.close()

@@ -37,6 +37,15 @@ class Image:
     def blob_digests(self) -> list[str]:
         return [self.config_digest, *self.layer_digests]
 
+    @property
+    def manifest(self) -> bytes:
+        return (self.layout / "blobs" / "sha256" / self.manifest_digest.split(":")[1]).read_bytes()
+
+    @property
+    def total_size(self) -> int:
+        """Manifest, config and layers, in bytes."""
+        return len(self.manifest) + sum(self.sizes.values())
+
 
 def _layer(index: int, size: int) -> tuple[bytes, bytes]:
     """A tar.gz with one file of random bytes; returns (tar, gzipped tar)."""
@@ -51,8 +60,11 @@ def _layer(index: int, size: int) -> tuple[bytes, bytes]:
     return raw, gzip.compress(raw, compresslevel=1, mtime=0)
 
 
-def make_image(layout: Path, layer_sizes: list[int], tag: str = "latest") -> Image:
-    """Write an OCI image layout with one random file per layer."""
+def make_image(
+    layout: Path, layer_sizes: list[int], tag: str = "latest", base: Image | None = None
+) -> Image:
+    """Write an OCI image layout with one random file per layer (after the layers of
+    `base`, shared with it, when given)."""
     blobs = layout / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
 
@@ -64,7 +76,14 @@ def make_image(layout: Path, layer_sizes: list[int], tag: str = "latest") -> Ima
     layers = []
     diff_ids = []
     sizes: dict[str, int] = {}
-    for i, size in enumerate(layer_sizes):
+    base_blobs = base.layout / "blobs" / "sha256" if base else blobs
+    for digest in base.layer_digests if base else []:
+        gz = (base_blobs / digest.split(":")[1]).read_bytes()
+        put(gz)
+        sizes[digest] = len(gz)
+        layers.append({"mediaType": OCI_LAYER, "digest": digest, "size": len(gz)})
+        diff_ids.append(sha256(gzip.decompress(gz)))
+    for i, size in enumerate(layer_sizes, start=len(layers)):
         raw, gz = _layer(i, size)
         d = put(gz)
         sizes[d] = len(gz)

@@ -65,6 +65,24 @@ def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
         load_config(write(tmp_path, text), environ={})
 
 
+def test_admin_users(tmp_path: Path) -> None:
+    text = (
+        "users:\n"
+        "  - {name: boss, password_hash: 'scrypt$1$1$1$AA==$AA==', admin: true}\n"
+        "  - {name: puller, password_hash: 'scrypt$1$1$1$AA==$AA=='}\n"
+    )
+    boss, puller = load_config(write(tmp_path, text), environ={}).users
+    assert (boss.name, boss.admin) == ("boss", True)
+    assert (puller.name, puller.admin) == ("puller", False)
+
+
+@pytest.mark.parametrize("value", ["'yes please'", "'true'", "1", "[true]"])
+def test_admin_must_be_a_boolean(tmp_path: Path, value: str) -> None:
+    text = f"users:\n  - {{name: boss, password_hash: 'scrypt$1', admin: {value}}}\n"
+    with pytest.raises(ConfigError, match=r"'users'.*user 'boss': admin must be true or false"):
+        load_config(write(tmp_path, text), environ={})
+
+
 def test_environment_overrides_file(tmp_path: Path) -> None:
     env = {
         "REGISTRY_CACHE_MAX_SIZE": "1g",
@@ -103,3 +121,36 @@ def test_string_form_takes_a_port() -> None:
     assert creds["registry.local:5000"].username == "ci"
     assert creds["registry.local:5000"].password == "pa:ss"
     assert creds["ghcr.io"].password == "tok"
+
+
+HASH = "scrypt$16384$8$1$c2FsdA==$aGFzaA=="
+
+
+def test_users_admin_flag(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(
+            tmp_path,
+            f"users:\n  - {{name: ops, password_hash: '{HASH}', admin: true}}\n"
+            f"  - {{name: ci, password_hash: '{HASH}'}}\n",
+        ),
+        environ={},
+    )
+    assert [(u.name, u.admin) for u in cfg.users] == [("ops", True), ("ci", False)]
+
+
+@pytest.mark.parametrize("value", ["'yes'", "1", "[true]", "null"])
+def test_users_admin_must_be_a_boolean(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f"users:\n  - {{name: ops, password_hash: '{HASH}', admin: {value}}}\n")
+    with pytest.raises(ConfigError, match="user 'ops': admin must be true or false"):
+        load_config(path, environ={})
+
+
+def test_admin_socket_and_pinned(tmp_path: Path) -> None:
+    text = "cache_dir: /srv/cache\npinned: [alpine, 'reg.rc.test:5000/a/b:1']\n"
+    cfg = load_config(write(tmp_path, text), environ={})
+    assert cfg.admin_socket_path == Path("/srv/cache/admin.sock")
+    assert cfg.pinned == ("docker.io/library/alpine:latest", "reg.rc.test:5000/a/b:1")
+    cfg = load_config(None, environ={"REGISTRY_CACHE_ADMIN_SOCKET": "/run/rc/admin.sock"})
+    assert cfg.admin_socket_path == Path("/run/rc/admin.sock")
+    with pytest.raises(ConfigError, match=r"'pinned'.*'\.\.'"):
+        load_config(write(tmp_path, "pinned: ['reg.rc.test/../../etc/passwd']\n"), environ={})
