@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .blob_sources import BlobSource, SourceAnswer
 from .blobs import BlobReader, BlobWriter, DigestMismatch
 from .client_access import AccessRefused
 from .content_coding import ContentCodingError, Decoder, codings, decoder_for
@@ -83,6 +84,8 @@ class BlobCache:
         self._tasks: set[asyncio.Task[None]] = set()
         self._storing: set[asyncio.Future[None]] = set()
         self._commits = KeyedLocks()  # a digest's move into the store, one at a time
+        # Asked in order before the registry on a miss (a cluster's bucket and peers).
+        self.sources: list[BlobSource] = []
 
     # --- blobs --------------------------------------------------------------------------
 
@@ -345,13 +348,21 @@ class BlobCache:
         path = f"/v2/{name}/blobs/{fetch.digest}"
         writer = None
         writing: asyncio.Future[None] | None = None
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: SourceAnswer | aiohttp.ClientResponse | None = None
         decoder: Decoder | None = None
         try:
             try:
-                upstream = await self.upstream.request(
-                    "GET", origin, path, headers, follow_redirects=True, exact=True, share=ex.share
-                )
+                upstream = await self._from_sources(fetch, origin, name)
+                if upstream is None:
+                    upstream = await self.upstream.request(
+                        "GET",
+                        origin,
+                        path,
+                        headers,
+                        follow_redirects=True,
+                        exact=True,
+                        share=ex.share,
+                    )
             except UPSTREAM_ERRORS as e:
                 fetch.fail(f"upstream {origin.netloc} cannot be reached: {describe(e)}")
                 self._upstream_failed(origin, fetch)
@@ -364,6 +375,8 @@ class BlobCache:
                 fetch.refuse()
                 return
             if upstream.status != 200:
+                # only the registry's answer can be a refusal: sources give 200s or None
+                assert isinstance(upstream, aiohttp.ClientResponse)
                 body = (await read_body(upstream, 64 << 10))[: 64 << 10]
                 fetch.refusal = Refusal(upstream.status, _relayable(upstream.headers), body)
                 self.inflight.release(fetch)
@@ -457,6 +470,24 @@ class BlobCache:
             self.inflight.release(fetch)
             if upstream is not None:
                 upstream.release()
+
+    async def _from_sources(
+        self, fetch: BlobFetch, origin: Origin, name: str
+    ) -> SourceAnswer | None:
+        """The first of the cluster's sources (blob_sources.py) that has the blob, else
+        None: then the registry is asked."""
+        for source in self.sources:
+            try:
+                answer = await source.open(fetch.digest, origin, name)
+            except Exception as e:  # a source is only a shortcut: the registry remains
+                log.warning("%s could not give %s: %s", source.name, fetch.digest, describe(e))
+                continue
+            if answer is None:
+                continue
+            if answer.status == 200:
+                return answer
+            answer.release()
+        return None
 
     def _upstream_failed(self, origin: Origin, fetch: BlobFetch) -> None:
         """Counts a failed download (after fetch.fail) as the registry's error."""
