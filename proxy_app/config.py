@@ -115,6 +115,10 @@ class Config:
     # Images kept whatever max_size and inactive say (normalised references); the service
     # makes its index's config pins exactly these at start. `registry-cache pin` adds more.
     pinned: tuple[str, ...] = ()
+    # Every node of a cluster (`host:port` of its listener), this one too; empty: no
+    # cluster. peer_self names this node among them when it cannot find itself (peers.py).
+    peers: tuple[str, ...] = ()
+    peer_self: str | None = None
     # True when `listen` was not configured: a missing IPv6 stack then is not an error.
     listen_is_default: bool = True
 
@@ -258,6 +262,29 @@ def parse_listen(value: Any) -> tuple[ListenAddress, ...]:
     if not addresses:
         raise ConfigError("at least one address is needed")
     return tuple(addresses)
+
+
+def parse_peer(item: str) -> str:
+    """A cluster node, `host:port` or `[v6]:port`, lower case: how every node names it."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([A-Za-z0-9.-]+):(\d+)", item)
+    if not m:
+        raise ConfigError(f"{item!r} is not host:port (a node's listener, [v6]:port for IPv6)")
+    port = int(m.group(2) or m.group(4))
+    if not 0 < port < 65536:
+        raise ConfigError(f"port {port} in {item!r} is out of range 1-65535")
+    if m.group(1) is not None:
+        try:
+            ipaddress.IPv6Address(m.group(1))
+        except ValueError:
+            raise ConfigError(f"{item!r}: {m.group(1)} is not an IPv6 address") from None
+    return item.lower()
+
+
+def parse_peers(value: Any) -> tuple[str, ...]:
+    peers = tuple(parse_peer(item) for item in _string_list(value))
+    if len(set(peers)) != len(peers):
+        raise ConfigError("a node is listed twice")
+    return peers
 
 
 def parse_auth_registries(value: Any) -> dict[str, Credentials]:
@@ -483,6 +510,8 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "tag_rules": parse_tag_rules,
     "admin_socket": parse_optional_path,
     "pinned": lambda v: parse_pinned(v),
+    "peers": parse_peers,
+    "peer_self": lambda v: None if _unset(v) else parse_peer(str(v)),
 }
 
 # Keys whose environment value is YAML rather than a plain string (lists of mappings).
@@ -561,6 +590,9 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     values["listen_is_default"] = "listen" not in raw
     if values.get("tag_ttl", Config.tag_ttl) > values.get("stale_if_error", Config.stale_if_error):
         log.warning("stale_if_error is shorter than tag_ttl: stale tags will never be served")
+    peers, peer_self = values.get("peers", ()), values.get("peer_self")
+    if peer_self is not None and peer_self not in peers:
+        raise ConfigError(f"config key 'peer_self': {peer_self} is not one of peers")
     bundle = values.get("upstream_ca_bundle")
     try:
         bundle_ok = bundle is None or bundle.is_file()
