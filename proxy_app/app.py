@@ -21,6 +21,8 @@ from .config import Config
 from .context import CacheContext
 from .index import Index
 from .metrics import Metrics
+from .peer_auth import peer_key
+from .peers import Cluster, PeerSource
 from .registry import RegistryProxy
 from .server import ProxyServer
 from .store_maintenance import STORE_ERRORS, StoreMaintenance
@@ -45,6 +47,7 @@ class RegistryCacheApp:
         self.upstream = Upstream(config, self.metrics)
         self.admin: Admin
         self.admin_socket: AdminSocket | None = None
+        self.peer_source: PeerSource | None = None
         self._housekeeping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -52,6 +55,7 @@ class RegistryCacheApp:
         cfg.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         ca = CertificateAuthority.load_or_create(cfg.ca_dir, cfg.ca_name_constraints)
         log.info("CA %s (sha256 %s)", cfg.ca_dir / "ca.crt", ca.fingerprint())
+        cluster = Cluster(cfg) if cfg.peers else None  # a ConfigError before anything opens
         self.store = FilesystemBlobStore(cfg.cache_dir)
         self.index, rebuilt = Index.open_or_rebuild(cfg.cache_dir / "index.sqlite3")
         self.maintenance = StoreMaintenance(cfg, self.store, self.index, self.metrics)
@@ -68,6 +72,12 @@ class RegistryCacheApp:
                 self.maintenance,
             )
         )
+        if cluster is not None:
+            # The owner of a missing digest is asked before its registry (peers.py).
+            self.peer_source = PeerSource(cfg, cluster, peer_key(ca.key))
+            await self.peer_source.start()
+            self.registry.blobs.sources.append(self.peer_source)
+            log.info("cluster of %d nodes; this one is %s", len(cluster.nodes), cluster.me)
         self.metrics.max_size.set(cfg.max_size)
         self.admin = Admin(cfg, self.index, self.maintenance, self.registry.inflight)
         self.admin.apply_config_pins()
@@ -86,6 +96,8 @@ class RegistryCacheApp:
             self.admin_socket = admin_socket
             await self.server.start()
         except OSError:
+            if self.peer_source is not None:
+                await self.peer_source.close()
             await self.server.close()
             await admin_socket.close()
             await self.upstream.close()
@@ -163,6 +175,8 @@ class RegistryCacheApp:
         if self.admin_socket is not None:
             await self.admin_socket.close()
         await self.registry.close()
+        if self.peer_source is not None:
+            await self.peer_source.close()
         await self.upstream.close()
         self.flush()
         self.index.close()

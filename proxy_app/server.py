@@ -40,6 +40,8 @@ from .connections import (
 from .destinations import DestinationPolicy, DestinationRefused, host_matches, valid_host_name
 from .metrics import CONTENT_TYPE, Metrics
 from .mirror import MirrorDoor, is_mirror_path
+from .peer_auth import peer_key
+from .peer_door import PeerDoor, is_peer_path
 from .proxy_auth import ProxyAuthenticator
 from .registry import RegistryProxy
 from .responses import CACHE_HEADER
@@ -206,6 +208,7 @@ class ProxyServer:
         self.destinations = DestinationPolicy(config)
         self.mirror = MirrorDoor(self)
         self.connect_door = ConnectDoor(self)
+        self.peer_door = PeerDoor(self, peer_key(ca.key) if config.peers else None)
         self.mirror_names = config.mirror_names or default_mirror_names(config)
         self._servers: list[asyncio.Server] = []
         self._plain: TrackedServer | None = None
@@ -315,6 +318,8 @@ class ProxyServer:
     async def _handle_plain(self, request: web.BaseRequest) -> web.StreamResponse:
         client = request.remote or "-"
         target = request.raw_path
+        if is_peer_path(target):
+            return await self.peer_door.handle(request)
         if is_mirror_path(target):
             return await self.mirror.handle(request)
         if target == "/admin" or target.startswith("/admin/"):
