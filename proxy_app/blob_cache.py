@@ -350,10 +350,13 @@ class BlobCache:
         writing: asyncio.Future[None] | None = None
         upstream: SourceAnswer | aiohttp.ClientResponse | None = None
         decoder: Decoder | None = None
+        from_source = False  # the bytes come from one of self.sources, not the registry
         try:
             try:
                 upstream = await self._from_sources(fetch, origin, name)
-                if upstream is None:
+                if upstream is not None:
+                    from_source = True
+                else:
                     upstream = await self.upstream.request(
                         "GET",
                         origin,
@@ -409,20 +412,44 @@ class BlobCache:
             except STORE_ERRORS as e:
                 raise _StoreError(e) from e
             fetch.begin(writer, size)
-            # The disk write of one batch overlaps the network read of the next; writes
-            # stay in order because each waits for the one before it.
-            async for batch in _batches(
-                upstream.content, decoder, _Pace(self.config.upstream_timeout)
-            ):
-                await _written(writing)
-                if writing is not None:
+            skip = 0  # bytes of the answer that the store has already
+            while True:
+                try:
+                    # The disk write of one batch overlaps the network read of the next;
+                    # writes stay in order because each waits for the one before it.
+                    batches = _batches(
+                        upstream.content, decoder, _Pace(self.config.upstream_timeout)
+                    )
+                    async for batch in _skipping(batches, skip):
+                        await _written(writing)
+                        if writing is not None:
+                            fetch.progressed()
+                        if writer.written + sum(map(len, batch)) > self.config.max_size:
+                            # A blob without a length (chunked, or coded) that has outgrown
+                            # the whole cache: no client can be given it whole from here,
+                            # and the disk is not its to fill.
+                            raise _TooLarge(self.config.max_size)
+                        writing = loop.run_in_executor(self.executor, writer.write_chunks, batch)
+                    break
+                except (*UPSTREAM_ERRORS, aiohttp.ClientPayloadError, _TooSlow) as e:
+                    if not from_source:
+                        raise
+                    # A source (a peer that died, a bucket) broke off: the registry sends
+                    # the rest, after the bytes written so far; the digest checks them all.
+                    from_source = False
+                    await _written(writing)
+                    writing = None
                     fetch.progressed()
-                if writer.written + sum(map(len, batch)) > self.config.max_size:
-                    # A blob without a length (chunked, or coded) that has outgrown the
-                    # whole cache: no client can be given it whole from here, and the
-                    # disk is not its to fill.
-                    raise _TooLarge(self.config.max_size)
-                writing = loop.run_in_executor(self.executor, writer.write_chunks, batch)
+                    upstream.release()
+                    log.warning(
+                        "%s broke off after %d bytes (%s): the rest from %s",
+                        fetch.digest,
+                        writer.written,
+                        describe(e),
+                        origin.netloc,
+                    )
+                    rest = await self._rest(origin, path, headers, writer.written)
+                    upstream, decoder, skip = rest
             await _written(writing)
             if writing is not None:
                 fetch.progressed()
@@ -449,7 +476,7 @@ class BlobCache:
             log.warning("refusing blob: %s", message)
             fetch.fail(message)
             self._upstream_failed(origin, fetch)
-        except (*UPSTREAM_ERRORS, aiohttp.ClientPayloadError) as e:
+        except (*UPSTREAM_ERRORS, aiohttp.ClientPayloadError, UpstreamRefused) as e:
             await _abandoned(writing, writer)
             log.warning("fetching %s from %s failed: %s", fetch.digest, origin.netloc, describe(e))
             fetch.fail(f"download from {origin.netloc} broke: {describe(e)}")
@@ -488,6 +515,30 @@ class BlobCache:
                 return answer
             answer.release()
         return None
+
+    async def _rest(
+        self, origin: Origin, path: str, headers: Mapping[str, str], offset: int
+    ) -> tuple[aiohttp.ClientResponse, Decoder | None, int]:
+        """The registry's answer for a blob from byte `offset` on (a source broke off
+        there): its response, decoder, and how many of its bytes to skip (all before
+        `offset`, when it sends the whole blob: it ignored the Range, or coded it)."""
+        asked = {**headers, "Range": f"bytes={offset}-"} if offset else headers
+        answer = await self.upstream.request(
+            "GET", origin, path, asked, follow_redirects=True, exact=True
+        )
+        ranged = answer.status == 206 and not codings(answer.headers)
+        start = answer.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
+        if not (answer.status == 200 or (ranged and start == str(offset))):
+            answer.release()
+            raise UpstreamRefused(
+                502, "UNAVAILABLE", f"{origin.netloc} answered {answer.status} for the rest"
+            )
+        try:
+            decoder = decoder_for(answer.headers)
+        except ContentCodingError:
+            answer.release()
+            raise
+        return answer, decoder, 0 if ranged else offset
 
     def _upstream_failed(self, origin: Origin, fetch: BlobFetch) -> None:
         """Counts a failed download (after fetch.fail) as the registry's error."""
@@ -635,6 +686,18 @@ async def _batches(
             yield batch
     if decoder is not None:
         decoder.finish()
+
+
+async def _skipping(batches: AsyncIterator[list[bytes]], skip: int) -> AsyncIterator[list[bytes]]:
+    """The batches less their first `skip` bytes (those the store has already)."""
+    async for batch in batches:
+        while skip and batch:
+            if len(batch[0]) <= skip:
+                skip -= len(batch.pop(0))
+            else:
+                batch[0], skip = batch[0][skip:], 0
+        if batch:
+            yield batch
 
 
 async def _written(writing: asyncio.Future[None] | None) -> None:
