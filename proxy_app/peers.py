@@ -33,6 +33,7 @@ from typing import cast
 from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
 from . import peer_auth
 from .blob_sources import SourceAnswer
@@ -183,7 +184,10 @@ class PeerSource:
             # The owner answers once its registry has: as long as a registry may take.
             async with asyncio.timeout(self.config.upstream_timeout + CONNECT_TIMEOUT):
                 response = await self._session.get(
-                    f"https://{node}{target}", headers=headers, allow_redirects=False
+                    # as signed: not re-quoted
+                    URL(f"https://{node}{target}", encoded=True),
+                    headers=headers,
+                    allow_redirects=False,
                 )
         except (aiohttp.ClientConnectionError, *UPSTREAM_ERRORS) as e:
             self._down[node] = time.monotonic() + DOWN_FOR
