@@ -8,9 +8,16 @@ default in brackets: an empty answer keeps it. Defaults are the earlier answers 
 files exist, else the roles' defaults. A bad answer is rejected with the reason and asked
 again.
 
+REGISTRY_CACHE_HOST may name several cache hosts (space-separated): they become the
+registry_cache group, a cluster sharing one CA and, with REGISTRY_CACHE_S3_ENDPOINT, one
+S3 bucket (REGISTRY_CACHE_S3_BUCKET, _REGION, _PREFIX, _ACCESS_KEY_ID and
+_SECRET_ACCESS_KEY, the last one a secret; REGISTRY_CACHE_SHARED_MAX_SIZE its size
+bound), written as registry_cache_store (and registry_cache_store_secret_access_key in
+the secrets file). REGISTRY_CACHE_ADDRESS then gives each host's address, in order.
+
 Besides the cache's settings it asks for the client hosts, each list written as an
 inventory group (a host may be in several; the cache host may be one of them):
-  REGISTRY_CACHE_CLIENTS             docker_clients      Docker hosts (default: the cache host)
+  REGISTRY_CACHE_CLIENTS             docker_clients      Docker hosts (default: the cache hosts)
   REGISTRY_CACHE_CONTAINERD_CLIENTS  containerd_clients  containerd / Kubernetes nodes that
                                                          pull through the cache as a registry
                                                          mirror (default: none)
@@ -25,7 +32,8 @@ Writes:
                                            containerd_clients and podman_clients (written
                                            also when empty)
   inventory/group_vars/all/vars.yml        the settings (not secret)
-  inventory/group_vars/all/secrets.yml     registry credentials, and the parent proxy URL
+  inventory/group_vars/all/secrets.yml     registry credentials, the S3 store's secret
+                                           access key, and the parent proxy URL
                                            when it holds user:password@: mode 0600,
                                            git-ignored, vault-encrypted when a vault
                                            password file is given
@@ -74,7 +82,13 @@ CLIENT_GROUPS = {
     "REGISTRY_CACHE_PODMAN_CLIENTS": "podman_clients",
 }
 # Answers written as a variable of another name than the question's, lower-cased.
-VARIABLE_NAMES = {"REGISTRY_CACHE_DOCKER_MODE": "docker_client_mode"}
+VARIABLE_NAMES = {
+    "REGISTRY_CACHE_DOCKER_MODE": "docker_client_mode",
+    "REGISTRY_CACHE_S3_SECRET_ACCESS_KEY": "registry_cache_store_secret_access_key",
+}
+# The S3 store's settings in registry_cache_store, each asked as REGISTRY_CACHE_S3_<KEY>
+# (the secret access key apart, in the secrets file).
+S3_KEYS = ("endpoint", "bucket", "region", "prefix", "access_key_id")
 QUESTION_NAMES = {var: env for env, var in VARIABLE_NAMES.items()}
 # A URL's scheme, its user information (before the first @ of the authority), the rest.
 USERINFO_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/@\s]*)@(.*)", re.S)
@@ -97,6 +111,50 @@ def v_hosts(text: str) -> list[str]:
     if text.strip().lower() in NONE_WORDS:
         return []
     return [v_host(h) for h in text.replace(",", " ").split()]
+
+
+def v_cache_hosts(text: str) -> list[str]:
+    hosts = v_hosts(text)
+    if not hosts:
+        raise Invalid("give at least one cache host")
+    if len(set(hosts)) != len(hosts):
+        raise Invalid(f"{text!r} names a host twice")
+    return hosts
+
+
+S3_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+S3_ENDPOINT_RE = re.compile(r"https?://[A-Za-z0-9_.:\[\]-]+/?")
+
+
+def v_s3_endpoint(text: str) -> str:
+    t = text.strip()
+    if t.lower() in NONE_WORDS:
+        return ""
+    if not S3_ENDPOINT_RE.fullmatch(t):
+        raise Invalid(f"{t!r} is not an S3 endpoint URL such as http://seaweed.example:8333")
+    return t.rstrip("/")
+
+
+def v_s3_bucket(text: str) -> str:
+    t = text.strip()
+    if not S3_BUCKET_RE.fullmatch(t):
+        raise Invalid(f"{t!r} is not a bucket name (3-63 of a-z, 0-9, '.' and '-')")
+    return t
+
+
+def v_word_or_none(text: str) -> str:
+    t = text.strip()
+    if t.lower() in NONE_WORDS:
+        return ""
+    if any(c.isspace() for c in t):
+        raise Invalid(f"{t!r} has spaces")
+    return t
+
+
+def v_size_or_none(text: str) -> str:
+    if text.strip().lower() in NONE_WORDS:
+        return ""
+    return v_size(text)
 
 
 def v_port(text: str) -> int:
@@ -395,17 +453,20 @@ def earlier_answers(inv: Path, secret: Any) -> Earlier:
             host_vars.setdefault(str(name), {}).update(hvars or {})
     found: dict[str, Any] = {}
     if cache_hosts:
-        first = next(iter(cache_hosts))
-        found["REGISTRY_CACHE_HOST"] = str(first)
-        found["REGISTRY_CACHE_ADDRESS"] = (cache_hosts[first] or {}).get(
-            "registry_cache_address", str(first)
-        )
+        found["REGISTRY_CACHE_HOST"] = [str(h) for h in cache_hosts]
+        found["REGISTRY_CACHE_ADDRESS"] = [
+            str((hvars or {}).get("registry_cache_address", h)) for h, hvars in cache_hosts.items()
+        ]
     if hosts:
         for env, members in client_hosts.items():
             found[env] = [str(h) for h in members]
     variables = load_yaml(inv / "group_vars" / "all" / "vars.yml")
     for key, value in variables.items():
         found[question_name(key)] = value
+    store = variables.get("registry_cache_store")
+    if isinstance(store, dict) and store.get("type") == "s3":
+        for key in S3_KEYS:
+            found[f"REGISTRY_CACHE_S3_{key.upper()}"] = store.get(key) or ""
     secrets, readable = read_secrets(inv / "group_vars" / "all" / "secrets.yml", secret)
     for key, value in secrets.items():
         found[question_name(key)] = value
@@ -507,32 +568,46 @@ def main(argv: list[str] | None = None) -> int:
         f"Registry Cache inventory, written to {inv}.\n"
         "Empty answer: the default in brackets; 'none' clears a list.\n\n"
     )
-    host = p.ask(
+    cache_hosts = p.ask(
         Question(
             "REGISTRY_CACHE_HOST",
-            "The cache host (inventory name, reachable by ssh; localhost for this machine).",
-            v_host,
+            "The cache host (inventory name, reachable by ssh; localhost for this machine);"
+            " several, space-separated, for a cluster of cache nodes sharing one CA (and an S3"
+            " bucket, asked below).",
+            v_cache_hosts,
             default("REGISTRY_CACHE_HOST", "localhost"),
         )
     )
-    earlier_address = earlier.get("REGISTRY_CACHE_ADDRESS")
-    if earlier.get("REGISTRY_CACHE_HOST") != host:
-        earlier_address = None
-    address = p.ask(
+    earlier_addresses = earlier.get("REGISTRY_CACHE_ADDRESS")
+    if earlier.get("REGISTRY_CACHE_HOST") != cache_hosts:
+        earlier_addresses = None
+
+    def v_addresses(text: str) -> list[str]:
+        addresses = [v_host(a) for a in text.replace(",", " ").split()]
+        if len(addresses) != len(cache_hosts):
+            raise Invalid(
+                f"give one address for each of the {len(cache_hosts)} cache hosts"
+                f" ({' '.join(cache_hosts)}), in the same order"
+            )
+        return addresses
+
+    addresses = p.ask(
         Question(
             "REGISTRY_CACHE_ADDRESS",
-            "The address Docker hosts use to reach the cache.",
-            v_host,
-            str(earlier_address or host),
+            "The address Docker hosts use to reach the cache"
+            + (" (one per cache host, in order)." if len(cache_hosts) > 1 else "."),
+            v_addresses,
+            render(earlier_addresses or cache_hosts),
         )
     )
+    address_of = dict(zip(cache_hosts, addresses, strict=True))
     clients = {
         "REGISTRY_CACHE_CLIENTS": p.ask(
             Question(
                 "REGISTRY_CACHE_CLIENTS",
                 "The Docker hosts that pull through the cache (space-separated; 'none' for none).",
                 v_hosts,
-                default("REGISTRY_CACHE_CLIENTS", host),
+                default("REGISTRY_CACHE_CLIENTS", " ".join(cache_hosts)),
             )
         ),
         "REGISTRY_CACHE_CONTAINERD_CLIENTS": p.ask(
@@ -647,12 +722,74 @@ def main(argv: list[str] | None = None) -> int:
     )
     keep_secrets_file = auth is None
 
+    # The store: the local disk, or an S3 bucket (for a cluster, shared by its nodes).
+    s3: dict[str, str] = {}
+    s3_endpoint = p.ask(
+        Question(
+            "REGISTRY_CACHE_S3_ENDPOINT",
+            "An S3 bucket shared by the cache hosts: the S3 API's URL (http://seaweed.example:8333;"
+            " 'none' for none, the local disk only).",
+            v_s3_endpoint,
+            default("REGISTRY_CACHE_S3_ENDPOINT", "none"),
+        )
+    )
+    s3_secret: str | None = ""
+    shared_max_size = ""
+    if s3_endpoint:
+        s3["endpoint"] = s3_endpoint
+        for key, prompt, validate, fallback in (
+            ("bucket", "The bucket.", v_s3_bucket, "registry-cache"),
+            ("region", "The bucket's region.", v_word_or_none, "us-east-1"),
+            ("prefix", "A prefix of every object's key ('none' for none).", v_word_or_none, "none"),
+            (
+                "access_key_id",
+                "The access key id ('none' for anonymous access).",
+                v_word_or_none,
+                "none",
+            ),
+        ):
+            env = f"REGISTRY_CACHE_S3_{key.upper()}"
+            s3[key] = p.ask(Question(env, prompt, validate, default(env, fallback)))
+        env = "REGISTRY_CACHE_S3_SECRET_ACCESS_KEY"
+
+        def v_s3_secret(text: str) -> str | None:
+            if secrets_readable:
+                return v_word_or_none(text)
+            if text.strip().lower() == "keep":
+                return None
+            raise Invalid(
+                f"{secrets_path} is encrypted and cannot be read without its vault password, so"
+                " it can only be kept: run make config again with --vault-password-file (or"
+                " REGISTRY_CACHE_VAULT_PASSWORD_FILE) to change it"
+            )
+
+        s3_secret = p.ask(
+            Question(
+                env,
+                "The secret access key ('none' for none; written to the secrets file only).",
+                v_s3_secret,
+                "keep" if not secrets_readable else default(env, "none"),
+                True,
+                lambda t: "none" if t in ("", "none") else ("keep" if t == "keep" else "****"),
+            )
+        )
+        shared_max_size = p.ask(
+            Question(
+                "REGISTRY_CACHE_SHARED_MAX_SIZE",
+                "The bucket's size bound (e.g. 2t; 'none' for none).",
+                v_size_or_none,
+                default("REGISTRY_CACHE_SHARED_MAX_SIZE", "none"),
+            )
+        )
+    if s3_secret is None and not keep_secrets_file:
+        raise SystemExit(f"make config: {secrets_path} can only be kept as it is")
+
     # hosts.yml: keep per-host variables written by hand (ansible_user, ...).
     def hvars(name: str, cache: bool) -> dict[str, Any]:
         v = dict(host_vars.get(name) or {})
         v.pop("registry_cache_address", None)
-        if cache and address != name:
-            v["registry_cache_address"] = address
+        if cache and address_of[name] != name:
+            v["registry_cache_address"] = address_of[name]
         if name in LOCAL_HOSTS:
             v.setdefault("ansible_connection", "local")
         return v
@@ -665,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     # The client groups are written also when empty: a play on one then matches no hosts
     # (without Ansible's warning for a pattern that names no group).
     for group, members in (
-        ("registry_cache", {host: hvars(host, True) or None}),
+        ("registry_cache", {h: hvars(h, True) or None for h in cache_hosts}),
         *(
             (group, {c: hvars(c, False) or None for c in clients[env]})
             for env, group in CLIENT_GROUPS.items()
@@ -679,8 +816,13 @@ def main(argv: list[str] | None = None) -> int:
     # The credentials, and a parent proxy URL that holds some, live in secrets.yml.
     upstream_proxy = answers["REGISTRY_CACHE_UPSTREAM_PROXY"]
     proxy_is_secret = has_userinfo(upstream_proxy)
-    asked = {*answers, "REGISTRY_CACHE_AUTH_REGISTRIES"}
+    store_vars = {
+        "registry_cache_store": {"type": "s3", **s3} if s3 else {"type": "filesystem"},
+        "registry_cache_shared_max_size": shared_max_size,
+    }
+    asked = {*answers, "REGISTRY_CACHE_AUTH_REGISTRIES", *map(question_name, store_vars)}
     variables = {k: v for k, v in before.variables.items() if question_name(k) not in asked}
+    variables.update(store_vars)
     variables.update(
         {
             variable_name(env): value
@@ -699,6 +841,11 @@ def main(argv: list[str] | None = None) -> int:
         out.write(f"kept {secrets_path} as it was\n")
     else:
         secret_values = {**before.secrets, "registry_cache_auth_registries": auth}
+        # The S3 store's secret access key: here only (the role adds it to the store).
+        if s3 and s3_secret:
+            secret_values["registry_cache_store_secret_access_key"] = s3_secret
+        else:
+            secret_values.pop("registry_cache_store_secret_access_key", None)
         # Only here when it holds credentials: otherwise it is in vars.yml, which this
         # file (read after it) would override.
         if proxy_is_secret:

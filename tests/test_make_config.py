@@ -39,6 +39,7 @@ QUESTION_ORDER = [
     "DOCKER_CLIENT_CA_SOURCE",
     "REGISTRY_CACHE_DOCKER_MODE",
     "REGISTRY_CACHE_AUTH_REGISTRIES",
+    "REGISTRY_CACHE_S3_ENDPOINT",
 ]
 
 
@@ -120,6 +121,7 @@ FULL_ENV = {
     "DOCKER_CLIENT_CA_SOURCE": "url",
     "REGISTRY_CACHE_DOCKER_MODE": "mirror",
     "REGISTRY_CACHE_AUTH_REGISTRIES": "auth.docker.io:hubuser:s3cr:et ghcr.io:me:ghp_tok",
+    "REGISTRY_CACHE_S3_ENDPOINT": "none",
 }
 
 
@@ -177,6 +179,7 @@ def test_interactive_answers_with_a_bad_one_asked_again(checkout: Path) -> None:
         "REGISTRY_CACHE_DOCKER_MODE": "",  # default: proxy
         # a malformed entry (no password) first, then a good one
         "REGISTRY_CACHE_AUTH_REGISTRIES": "quay.io:robot\nquay.io:robot:pa55word",
+        "REGISTRY_CACHE_S3_ENDPOINT": "",  # default: none
     }
     stdin = "".join(answers[q] + "\n" for q in QUESTION_ORDER)
     result = make_config(checkout, clean_env(), stdin)
@@ -450,3 +453,103 @@ def test_a_parent_proxy_with_credentials_is_vault_encrypted(checkout: Path, tmp_
     assert "--vault-password-file" in again.stderr
     assert PROXY_PASSWORD not in again.stdout + again.stderr
     assert (checkout / SECRETS).read_text() == raw
+
+
+S3_SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+CLUSTER_ENV = dict(
+    FULL_ENV,
+    REGISTRY_CACHE_HOST="cache1.example.net cache2.example.net cache3",
+    REGISTRY_CACHE_ADDRESS="10.1.2.3 10.1.2.4 cache3",
+    REGISTRY_CACHE_S3_ENDPOINT="http://seaweed.example:8333",
+    REGISTRY_CACHE_S3_BUCKET="registry-cache",
+    REGISTRY_CACHE_S3_REGION="eu-west-1",
+    REGISTRY_CACHE_S3_PREFIX="fleet/",
+    REGISTRY_CACHE_S3_ACCESS_KEY_ID="AKIDEXAMPLE",
+    REGISTRY_CACHE_S3_SECRET_ACCESS_KEY=S3_SECRET,
+    REGISTRY_CACHE_SHARED_MAX_SIZE="2t",
+)
+
+
+def test_several_cache_hosts_with_an_s3_store(checkout: Path) -> None:
+    """Several cache hosts make the registry_cache group, each with its address; the S3
+    settings go into registry_cache_store, its secret into the secrets file only (mode
+    0600), never printed; a re-run offers them all as its defaults and keeps them."""
+    result = make_config(checkout, clean_env(**CLUSTER_ENV))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "end of input" not in result.stdout
+    assert S3_SECRET not in result.stdout + result.stderr
+
+    inv = inventory(checkout)
+    assert inv["registry_cache"]["hosts"] == ["cache1.example.net", "cache2.example.net", "cache3"]
+    hostvars = inv["_meta"]["hostvars"]
+    assert hostvars["cache1.example.net"]["registry_cache_address"] == "10.1.2.3"
+    assert hostvars["cache2.example.net"]["registry_cache_address"] == "10.1.2.4"
+    assert "registry_cache_address" not in hostvars["cache3"]
+    cache = hostvars["cache2.example.net"]
+    assert cache["registry_cache_store"] == {
+        "type": "s3",
+        "endpoint": "http://seaweed.example:8333",
+        "bucket": "registry-cache",
+        "region": "eu-west-1",
+        "prefix": "fleet/",
+        "access_key_id": "AKIDEXAMPLE",
+    }
+    assert cache["registry_cache_store_secret_access_key"] == S3_SECRET
+    assert cache["registry_cache_shared_max_size"] == "2t"
+
+    assert_secret_file_private(checkout)
+    assert S3_SECRET in (checkout / SECRETS).read_text()
+    for path in (checkout / "inventory").rglob("*"):
+        if path.is_file() and path != checkout / SECRETS:
+            assert S3_SECRET not in path.read_text(), path
+
+    # Asked again, the earlier answers are the defaults (the secret masked), and kept.
+    asked = [k for k in CLUSTER_ENV if k.startswith("REGISTRY_CACHE_S3_")]
+    asked += ["REGISTRY_CACHE_HOST", "REGISTRY_CACHE_ADDRESS", "REGISTRY_CACHE_SHARED_MAX_SIZE"]
+    env = {k: v for k, v in CLUSTER_ENV.items() if k not in asked}
+    again = make_config(checkout, clean_env(**env), "\n" * len(asked))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "end of input" not in again.stdout
+    assert "REGISTRY_CACHE_HOST [cache1.example.net cache2.example.net cache3]: " in again.stdout
+    assert "REGISTRY_CACHE_ADDRESS [10.1.2.3 10.1.2.4 cache3]: " in again.stdout
+    assert "REGISTRY_CACHE_S3_ENDPOINT [http://seaweed.example:8333]: " in again.stdout
+    assert "REGISTRY_CACHE_S3_SECRET_ACCESS_KEY [****]: " in again.stdout
+    assert S3_SECRET not in again.stdout + again.stderr
+    assert inventory(checkout) == inv
+
+    # Back to one host and the local disk: the group shrinks, the store is the filesystem
+    # and the secret leaves the secrets file.
+    single = dict(FULL_ENV, REGISTRY_CACHE_HOST="cache1.example.net")
+    assert make_config(checkout, clean_env(**single)).returncode == 0
+    inv = inventory(checkout)
+    assert inv["registry_cache"]["hosts"] == ["cache1.example.net"]
+    cache = inv["_meta"]["hostvars"]["cache1.example.net"]
+    assert cache["registry_cache_store"] == {"type": "filesystem"}
+    assert cache["registry_cache_shared_max_size"] == ""
+    assert "registry_cache_store_secret_access_key" not in cache
+    assert S3_SECRET not in (checkout / SECRETS).read_text()
+
+
+def test_one_address_per_cache_host(checkout: Path) -> None:
+    env = dict(CLUSTER_ENV, REGISTRY_CACHE_ADDRESS="10.1.2.3 10.1.2.4")
+    result = make_config(checkout, clean_env(**env))
+    assert result.returncode != 0
+    assert "one address for each of the 3 cache hosts" in result.stderr
+    assert not (checkout / "inventory/hosts.yml").exists()
+
+
+def test_the_s3_secret_is_vault_encrypted(checkout: Path, tmp_path: Path) -> None:
+    password_file = tmp_path / "vault-pass"
+    password_file.write_text("correct horse battery staple\n")
+    env = clean_env(**CLUSTER_ENV, REGISTRY_CACHE_VAULT_PASSWORD_FILE=str(password_file))
+    result = make_config(checkout, env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    raw = (checkout / SECRETS).read_text()
+    assert raw.startswith("$ANSIBLE_VAULT;")
+    for path in (checkout / "inventory").rglob("*"):
+        if path.is_file():
+            assert S3_SECRET not in path.read_text(), path
+    assert_secret_file_private(checkout)
+    inv = inventory(checkout, "--vault-password-file", str(password_file))
+    cache = inv["_meta"]["hostvars"]["cache3"]
+    assert cache["registry_cache_store_secret_access_key"] == S3_SECRET

@@ -67,3 +67,30 @@ def test_input_is_not_changed_in_place() -> None:
 def test_a_ca_file_of_someone_else_stays() -> None:
     config = {"configs": {HOST: {"tls": {"ca_file": "/site/ca.pem"}}}}
     assert k3s.without_cache(config, URL, HOST, CA) == config
+
+
+NODE_URLS = ["https://10.0.0.12:3128", "https://10.0.0.11:3128/"]
+NODE_HOSTS = ["10.0.0.12:3128", "10.0.0.11:3128"]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_several_nodes_first_in_order_and_taken_out_again(config: dict[str, Any]) -> None:
+    """The nodes of a cluster, given as lists, all go first in the order given (each
+    once, without a trailing slash), each with the CA file; out again, the file is back."""
+    added = k3s.with_cache(config, NAMES, NODE_URLS, NODE_HOSTS, CA)
+    for name in NAMES:
+        endpoints = added["mirrors"][name]["endpoint"]
+        assert endpoints[:2] == ["https://10.0.0.12:3128", "https://10.0.0.11:3128"]
+        assert len(endpoints) == len(set(endpoints))
+    for host in NODE_HOSTS:
+        assert added["configs"][host]["tls"]["ca_file"] == CA
+    # Idempotent: applied twice, the same file.
+    assert k3s.with_cache(added, NAMES, NODE_URLS, NODE_HOSTS, CA) == added
+    assert k3s.without_cache(added, NODE_URLS, NODE_HOSTS, CA) == config
+
+
+def test_one_node_as_a_list_is_the_same_as_a_string() -> None:
+    for config in CONFIGS:
+        assert k3s.with_cache(config, NAMES, [URL], [HOST], CA) == k3s.with_cache(
+            config, NAMES, URL, HOST, CA
+        )
