@@ -23,6 +23,8 @@ from .index import Index
 from .metrics import Metrics
 from .registry import RegistryProxy
 from .server import ProxyServer
+from .shared_store import SharedStore
+from .shared_tier import SharedTier
 from .store_maintenance import STORE_ERRORS, StoreMaintenance
 from .upstream import Upstream
 
@@ -45,6 +47,7 @@ class RegistryCacheApp:
         self.upstream = Upstream(config, self.metrics)
         self.admin: Admin
         self.admin_socket: AdminSocket | None = None
+        self.shared_tier: SharedTier | None = None  # store: {type: s3}
         self._housekeeping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -69,6 +72,8 @@ class RegistryCacheApp:
             )
         )
         self.metrics.max_size.set(cfg.max_size)
+        if cfg.store.shared:
+            await self._start_shared_tier()
         self.admin = Admin(cfg, self.index, self.maintenance, self.registry.inflight)
         self.admin.apply_config_pins()
         self.server = ProxyServer(
@@ -98,6 +103,21 @@ class RegistryCacheApp:
             cfg.cache_dir,
             cfg.max_size,
         )
+
+    async def _start_shared_tier(self) -> None:
+        """The cluster's bucket behind the local store: asked on a miss before the
+        registry, filled with every blob stored here, and holding the tag answers."""
+        tier = SharedTier(
+            SharedStore(self.config.store, self.executor),
+            self.store,
+            self.index,
+            self.maintenance.remove,
+        )
+        await tier.start()
+        self.shared_tier = tier
+        self.maintenance.listeners.append(tier.stored)
+        self.registry.blobs.sources.append(tier.source)
+        self.registry.manifests.shared = tier.shared
 
     async def _housekeep(self) -> None:
         while True:
@@ -129,14 +149,24 @@ class RegistryCacheApp:
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
         writable = os.access(self.config.cache_dir, os.W_OK)
+        status = "ok" if writable else "cache_dir not writable"
+        shared: dict[str, Any] | None = None
+        if self.shared_tier is not None:
+            shared = self.shared_tier.health()
+            if writable and not shared["reachable"]:
+                # Still serving (local disk, upstream): 200, but say what is missing.
+                status = "degraded"
+                shared["reason"] = f"shared store unreachable: {shared['problem']}"
         details: dict[str, Any] = {
-            "status": "ok" if writable else "cache_dir not writable",
+            "status": status,
             "version": __version__,
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "cache_bytes": self.maintenance.size,
             "max_size": self.config.max_size,
             "inflight_fetches": len(self.registry.inflight),
         }
+        if shared is not None:
+            details["shared_store"] = shared
         return writable, details
 
     def status(self) -> dict[str, Any]:
@@ -163,6 +193,8 @@ class RegistryCacheApp:
         if self.admin_socket is not None:
             await self.admin_socket.close()
         await self.registry.close()
+        if self.shared_tier is not None:
+            await self.shared_tier.close()
         await self.upstream.close()
         self.flush()
         self.index.close()

@@ -268,6 +268,7 @@ class RegistryProxy:
     async def close(self) -> None:
         """Stops the downloads under way; blobs already verified are stored first."""
         await self.blobs.close()
+        await self.manifests.close()
 
 
 def _client_gone(request: web.BaseRequest) -> bool:
