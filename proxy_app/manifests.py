@@ -539,6 +539,15 @@ class ManifestCache:
         ex.note += " (tag answer from the shared store)"
         return response
 
+    async def shared_knows_host(self, host: str) -> bool:
+        """Whether the cluster's bucket holds tag answers of a registry (any node's)."""
+        if self.shared is None or not self.shared.available:
+            return False
+        try:
+            return await self.shared.knows_host(host)
+        except BucketUnavailable:
+            return False
+
     async def close(self) -> None:
         if self._tag_writes:
             await asyncio.wait(set(self._tag_writes), timeout=5)

@@ -250,7 +250,10 @@ class RegistryProxy:
                 request.method == "GET"
                 and ex.path in ("/v2/", "/v2")
                 and not isinstance(e, ssl.SSLError)
-                and self.index.knows_host(origin.netloc)
+                and (
+                    self.index.knows_host(origin.netloc)
+                    or await self.manifests.shared_knows_host(origin.netloc)
+                )
             ):
                 # A registry we hold tags of is down: answer the API ping ourselves so that
                 # clients go on to the manifests and blobs the cache can still serve.

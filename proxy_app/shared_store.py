@@ -338,6 +338,12 @@ class SharedStore:
             ContentType="application/json",
         )
 
+    async def knows_host(self, host: str) -> bool:
+        # Not MaxKeys=1: SeaweedFS counts the folders it keeps toward it, and may then
+        # answer a truncated page with no object in it.
+        page = await self._call("list_objects_v2", Prefix=f"{self.prefix}tags/{host}/")
+        return bool(page.get("Contents"))
+
     async def tag_variants(self, host: str, name: str, tag: str) -> dict[str, TagEntry]:
         """Every node's answers for a tag (per Accept variant) the bucket holds."""
         found: dict[str, TagEntry] = {}
