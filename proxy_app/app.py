@@ -25,6 +25,8 @@ from .peer_auth import peer_key
 from .peers import Cluster, PeerSource
 from .registry import RegistryProxy
 from .server import ProxyServer
+from .shared_store import SharedStore
+from .shared_tier import SharedTier
 from .store_maintenance import STORE_ERRORS, StoreMaintenance
 from .upstream import Upstream
 
@@ -48,6 +50,7 @@ class RegistryCacheApp:
         self.admin: Admin
         self.admin_socket: AdminSocket | None = None
         self.peer_source: PeerSource | None = None
+        self.shared_tier: SharedTier | None = None  # store: {type: s3}
         self._housekeeping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -72,8 +75,11 @@ class RegistryCacheApp:
                 self.maintenance,
             )
         )
+        if cfg.store.shared:
+            # The bucket first: a blob any node stored is there, with no node to ask.
+            await self._start_shared_tier()
         if cluster is not None:
-            # The owner of a missing digest is asked before its registry (peers.py).
+            # The owner of a missing digest is asked next, before its registry (peers.py).
             self.peer_source = PeerSource(cfg, cluster, peer_key(ca.key))
             await self.peer_source.start()
             self.registry.blobs.sources.append(self.peer_source)
@@ -98,6 +104,8 @@ class RegistryCacheApp:
         except OSError:
             if self.peer_source is not None:
                 await self.peer_source.close()
+            if self.shared_tier is not None:
+                await self.shared_tier.close()
             await self.server.close()
             await admin_socket.close()
             await self.upstream.close()
@@ -110,6 +118,21 @@ class RegistryCacheApp:
             cfg.cache_dir,
             cfg.max_size,
         )
+
+    async def _start_shared_tier(self) -> None:
+        """The cluster's bucket behind the local store: asked on a miss before the
+        registry, filled with every blob stored here, and holding the tag answers."""
+        tier = SharedTier(
+            SharedStore(self.config.store, self.executor),
+            self.store,
+            self.index,
+            self.maintenance.remove,
+        )
+        await tier.start()
+        self.shared_tier = tier
+        self.maintenance.listeners.append(tier.stored)
+        self.registry.blobs.sources.append(tier.source)
+        self.registry.manifests.shared = tier.shared
 
     async def _housekeep(self) -> None:
         while True:
@@ -141,14 +164,24 @@ class RegistryCacheApp:
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
         writable = os.access(self.config.cache_dir, os.W_OK)
+        status = "ok" if writable else "cache_dir not writable"
+        shared: dict[str, Any] | None = None
+        if self.shared_tier is not None:
+            shared = self.shared_tier.health()
+            if writable and not shared["reachable"]:
+                # Still serving (local disk, upstream): 200, but say what is missing.
+                status = "degraded"
+                shared["reason"] = f"shared store unreachable: {shared['problem']}"
         details: dict[str, Any] = {
-            "status": "ok" if writable else "cache_dir not writable",
+            "status": status,
             "version": __version__,
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "cache_bytes": self.maintenance.size,
             "max_size": self.config.max_size,
             "inflight_fetches": len(self.registry.inflight),
         }
+        if shared is not None:
+            details["shared_store"] = shared
         return writable, details
 
     def status(self) -> dict[str, Any]:
@@ -177,6 +210,8 @@ class RegistryCacheApp:
         await self.registry.close()
         if self.peer_source is not None:
             await self.peer_source.close()
+        if self.shared_tier is not None:
+            await self.shared_tier.close()
         await self.upstream.close()
         self.flush()
         self.index.close()

@@ -144,7 +144,13 @@ class BlobCache:
                     headers={**refusal.headers, CACHE_HEADER: "MISS"},
                 )
             # Upstream refused someone else's request (their token, say): ask with ours.
-        return await self._send_inflight(request, origin, route.name, fetch, ex, shared=not mine)
+        # Bytes from a cluster source (the bucket, a peer) are the cache's, not upstream's.
+        source = "upstream" if fetch.from_source is None else "cache"
+        if fetch.from_source is not None:
+            ex.note = f"from {fetch.from_source}"
+        return await self._send_inflight(
+            request, origin, route.name, fetch, ex, source, shared=not mine
+        )
 
     async def _unlinked(
         self, request: web.BaseRequest, origin: Origin, route: Route, ex: Exchange
@@ -456,7 +462,8 @@ class BlobCache:
             writing = None
             writer.verify(size)
             fetch.verify()  # readers take the last byte now, not after the disk flush
-            self.metrics.fetched(origin.netloc, loop.time() - began)
+            if fetch.from_source is None:
+                self.metrics.fetched(origin.netloc, loop.time() - began)
             # Storing a verified blob is a task of its own that a shutdown waits for: the
             # bytes are all here, and only the flush is left.
             storing = asyncio.ensure_future(self._store_verified(fetch, writer))
@@ -512,6 +519,7 @@ class BlobCache:
             if answer is None:
                 continue
             if answer.status == 200:
+                fetch.from_source = source.name
                 return answer
             answer.release()
         return None

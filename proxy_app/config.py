@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -65,6 +66,33 @@ class ProxyUser:
 
     def __repr__(self) -> str:
         return f"ProxyUser(name={self.name!r}, allow={self.allow!r}, admin={self.admin!r})"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where blobs live behind the node's own disk: `filesystem` (nothing behind it) or
+    `s3`, a bucket several cache nodes share (shared_store.py)."""
+
+    type: str = "filesystem"
+    endpoint: str = ""
+    bucket: str = ""
+    region: str = "us-east-1"
+    prefix: str = ""  # ends with "/" when not empty
+    access_key_id: str = ""
+    secret_access_key: str = field(default="", repr=False)
+
+    @property
+    def shared(self) -> bool:
+        return self.type == "s3"
+
+    def __repr__(self) -> str:  # never show the secret, even in a debug dump
+        if not self.shared:
+            return "StoreConfig(type='filesystem')"
+        return (
+            f"StoreConfig(type='s3', endpoint={self.endpoint!r}, bucket={self.bucket!r}, "
+            f"region={self.region!r}, prefix={self.prefix!r}, "
+            f"access_key_id={self.access_key_id!r}, secret_access_key=***)"
+        )
 
 
 @dataclass(frozen=True)
@@ -119,6 +147,9 @@ class Config:
     # cluster. peer_self names this node among them when it cannot find itself (peers.py).
     peers: tuple[str, ...] = ()
     peer_self: str | None = None
+    # The shared tier behind the local one (store: {type: s3, ...}), and its size bound.
+    store: StoreConfig = StoreConfig()
+    shared_max_size: int | None = None
     # True when `listen` was not configured: a missing IPv6 stack then is not an error.
     listen_is_default: bool = True
 
@@ -470,6 +501,108 @@ def parse_proxy_url(value: Any) -> str | None:
     return value
 
 
+_STORE_KEYS = (
+    "type",
+    "endpoint",
+    "bucket",
+    "region",
+    "prefix",
+    "access_key_id",
+    "secret_access_key",
+)
+_S3_EXAMPLE = "{type: s3, endpoint: http://seaweed.example:8333, bucket: registry-cache}"
+
+
+def parse_store(value: Any) -> StoreConfig:
+    """`{type: filesystem}` (the default) or `{type: s3, endpoint, bucket, region, prefix,
+    access_key_id, secret_access_key}`. No message repeats a value of secret_access_key."""
+    if value is None or value == "filesystem":
+        return StoreConfig()
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"expected a mapping such as {_S3_EXAMPLE}")
+    unknown = sorted(str(k) for k in value if k not in _STORE_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(unknown)}; known keys are {', '.join(_STORE_KEYS)}"
+        )
+    kind = str(value.get("type") or "filesystem").strip().lower()
+    if kind not in ("filesystem", "s3"):
+        raise ConfigError(f"type {kind[:40]!r} is not filesystem or s3")
+    if kind == "filesystem":
+        extra = sorted(str(k) for k in value if k != "type")
+        if extra:
+            raise ConfigError(f"type filesystem takes no other keys (got {', '.join(extra)})")
+        return StoreConfig()
+    strings: dict[str, str] = {}
+    for key in _STORE_KEYS[1:]:
+        raw = value.get(key)
+        if raw is None:
+            continue
+        if not isinstance(raw, str | int) or isinstance(raw, bool):
+            raise ConfigError(f"{key} must be a string")
+        strings[key] = str(raw).strip() if key != "secret_access_key" else str(raw)
+    endpoint = strings.get("endpoint", "")
+    if not endpoint:
+        raise ConfigError(f"type s3 needs an endpoint, such as {_S3_EXAMPLE}")
+    parsed = urlsplit(endpoint)
+    try:
+        port = parsed.port
+    except ValueError:
+        port = -1
+    if (
+        parsed.scheme not in ("http", "https")
+        or not parsed.hostname
+        or port == -1
+        or parsed.path not in ("", "/")
+        or parsed.query
+        or parsed.fragment
+        or parsed.username is not None
+    ):
+        raise ConfigError(
+            f"endpoint {endpoint[:100]!r} is not an http(s) URL of an S3 service such as "
+            "http://seaweed.example:8333 (no path, no credentials in it)"
+        )
+    bucket = strings.get("bucket", "")
+    if not bucket:
+        raise ConfigError(f"type s3 needs a bucket, such as {_S3_EXAMPLE}")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket) or ".." in bucket:
+        raise ConfigError(
+            f"bucket {bucket[:70]!r} is not an S3 bucket name (3-63 characters: lower-case "
+            "letters, digits, dots and hyphens)"
+        )
+    region = strings.get("region") or "us-east-1"
+    if not re.fullmatch(r"[a-z0-9-]{1,40}", region):
+        raise ConfigError(f"region {region[:50]!r} is not a region name such as us-east-1")
+    prefix = strings.get("prefix", "").strip("/")
+    if prefix and (
+        not re.fullmatch(r"[A-Za-z0-9._/-]+", prefix) or "//" in prefix or ".." in prefix
+    ):
+        raise ConfigError(
+            f"prefix {prefix[:100]!r} must be letters, digits, '.', '_', '-' and '/' "
+            "(a folder inside the bucket, such as registry-cache/)"
+        )
+    key_id, secret = strings.get("access_key_id", ""), strings.get("secret_access_key", "")
+    if bool(key_id) != bool(secret):
+        missing = "secret_access_key" if key_id else "access_key_id"
+        raise ConfigError(
+            f"access_key_id and secret_access_key go together: {missing} is missing "
+            "(neither: anonymous requests)"
+        )
+    return StoreConfig(
+        type="s3",
+        endpoint=endpoint.rstrip("/"),
+        bucket=bucket,
+        region=region,
+        prefix=prefix + "/" if prefix else "",
+        access_key_id=key_id,
+        secret_access_key=secret,
+    )
+
+
+def parse_optional_size(value: Any) -> int | None:
+    return None if _unset(value) else parse_size(value)
+
+
 def parse_choice(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = str(value).strip().lower()
@@ -512,10 +645,12 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "pinned": lambda v: parse_pinned(v),
     "peers": parse_peers,
     "peer_self": lambda v: None if _unset(v) else parse_peer(str(v)),
+    "store": parse_store,
+    "shared_max_size": parse_optional_size,
 }
 
 # Keys whose environment value is YAML rather than a plain string (lists of mappings).
-_YAML_ENV_KEYS = {"users", "tag_rules"}
+_YAML_ENV_KEYS = {"users", "tag_rules", "store"}
 # Variables with the prefix that belong to other tools (make config), not to the server.
 _FOREIGN_ENV = {
     "HOST",
@@ -539,6 +674,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     """Reads the file (when given), applies the environment, validates everything."""
     environ = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
+    store_env: dict[str, str] = {}
     if path is not None:
         try:
             text = path.read_text()
@@ -563,17 +699,29 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         if not name.startswith(ENV_PREFIX):
             continue
         key = name[len(ENV_PREFIX) :].lower()
-        if key in PARSERS:
+        if key.startswith("store_") and key[len("store_") :] in _STORE_KEYS:
+            # One key of the store mapping (REGISTRY_CACHE_STORE_SECRET_ACCESS_KEY): kept
+            # out of the config file, merged into it below.
+            store_env[key[len("store_") :]] = value
+        elif key in PARSERS:
             if key in _YAML_ENV_KEYS:
                 try:
                     raw[key] = yaml.safe_load(value)
                 except yaml.YAMLError as e:
-                    raise ConfigError(f"{name} is not valid YAML: {e}") from e
+                    # YAML's message quotes the text, and the store's holds a secret.
+                    detail = "" if key == "store" else f": {e}"
+                    raise ConfigError(f"{name} is not valid YAML{detail}") from None
             else:
                 raw[key] = value
         elif key.upper() not in _FOREIGN_ENV:
             log.warning("ignoring environment variable %s: no config key %r", name, key)
 
+    if store_env:
+        store = raw.get("store")
+        if store is None or store == "filesystem":
+            store = {}
+        if isinstance(store, Mapping):
+            raw["store"] = {**store, **store_env}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         try:

@@ -304,12 +304,28 @@ class Index:
         return {row[0]: TagEntry(*row[1:]) for row in rows}
 
     def set_tag(
-        self, host: str, name: str, tag: str, variant: str, digest: str, media_type: str
+        self,
+        host: str,
+        name: str,
+        tag: str,
+        variant: str,
+        digest: str,
+        media_type: str,
+        checked_at: float | None = None,
     ) -> None:
+        """A tag's answer, checked now (or at checked_at: another node's check)."""
         self._db.execute(
             "INSERT OR REPLACE INTO tags(host, name, tag, variant, digest, media_type, checked_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (host, name, tag, variant, digest, media_type, time.time()),
+            (
+                host,
+                name,
+                tag,
+                variant,
+                digest,
+                media_type,
+                time.time() if checked_at is None else checked_at,
+            ),
         )
 
     def knows_host(self, host: str) -> bool:

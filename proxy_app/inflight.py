@@ -46,6 +46,8 @@ class BlobFetch:
         # repository the link made once it is stored.
         self.origin = ""
         self.source: tuple[str, str] | None = None
+        # The cluster source (blob_sources.py) the bytes come from; None: the registry.
+        self.from_source: str | None = None
         self.began = time.time()  # wall time, for the status page
         self._progress = asyncio.Event()
 

@@ -31,6 +31,7 @@ from .links import RepositoryLinks, refusal
 from .media_types import DOCKER_MANIFEST, INDEX_TYPES, SCHEMA1_TYPES, STORED_MANIFEST_TYPES
 from .responses import API_VERSION, CACHE_HEADER, error_response, read_body, relay
 from .routes import Route
+from .shared_store import BucketUnavailable, SharedStore
 from .tag_policy import TagPolicy
 from .upstream import UPSTREAM_ERRORS, Origin, describe
 
@@ -78,6 +79,24 @@ def _upstream_failed(status: int) -> bool:
     return status >= 500 or status == 429
 
 
+def _fitting(variants: dict[str, TagEntry], variant: str) -> TagEntry | None:
+    """The answer among a tag's `variants` that fits a client's Accept list (`variant`).
+
+    A registry returns a tag's stored manifest as it is whenever the client accepts its
+    media type, and converts or picks another only when it does not. So an answer that
+    another client got (a `prefetch`, another Docker version) is the right one for this
+    client too when it cannot be such a conversion for this client (_reusable)."""
+    if variant in variants:
+        return variants[variant]
+    accepted = set(variant.split(",")) if variant else set()
+    fitting = [
+        e
+        for got_by, e in variants.items()
+        if _reusable(e.media_type, set(got_by.split(",")) if got_by else set(), accepted)
+    ]
+    return max(fitting, key=lambda e: e.checked_at, default=None)
+
+
 class ManifestCache:
     def __init__(self, ctx: CacheContext, links: RepositoryLinks) -> None:
         self._locks = KeyedLocks()
@@ -89,6 +108,11 @@ class ManifestCache:
         self.metrics = ctx.metrics
         self.executor = ctx.executor
         self.on_store_error = ctx.maintenance.store_failed
+        self.on_stored = ctx.maintenance.announce
+        # The cluster's bucket (shared_store.py): tag answers go there too, and a node
+        # that has none for a tag while upstream fails asks it for another node's.
+        self.shared: SharedStore | None = None
+        self._tag_writes: set[asyncio.Task[None]] = set()
         self.tag_policy = TagPolicy(ctx.config.tag_rules, ctx.config.tag_ttl)
 
     # --- answers ------------------------------------------------------------------------
@@ -167,6 +191,7 @@ class ManifestCache:
                     self.store.delete(digest)
             self.on_store_error(e)
             return False
+        self.on_stored(digest)
         return True
 
     async def _read_manifest(self, upstream: aiohttp.ClientResponse) -> tuple[bytes, str, str]:
@@ -412,7 +437,7 @@ class ManifestCache:
             revalidated = await self._revalidate(request, origin, entry, stale_ok, ex, deadline)
             if revalidated is not None:
                 if ex.result == "HIT":  # a STALE answer must not restart the clock
-                    self.index.set_tag(*key, entry.digest, entry.media_type)
+                    self._set_tag(key, entry.digest, entry.media_type)
                 return self._answer(request, cached, entry.media_type, entry.digest, ex)
 
         ex.result = "MISS"
@@ -421,6 +446,9 @@ class ManifestCache:
         except UPSTREAM_ERRORS as e:
             if stale_ok and entry is not None and cached is not None:
                 return self._stale(request, origin, entry, cached, e, ex)
+            shared = await self._shared_stale(request, origin, route, key, variant, e, ex)
+            if shared is not None:
+                return shared
             raise
         try:
             if upstream.status != 200:
@@ -431,6 +459,12 @@ class ManifestCache:
                     and _upstream_failed(upstream.status)
                 ):
                     return self._stale(request, origin, entry, cached, upstream.status, ex)
+                if _upstream_failed(upstream.status):
+                    shared = await self._shared_stale(
+                        request, origin, route, key, variant, upstream.status, ex
+                    )
+                    if shared is not None:
+                        return shared
                 if upstream.status == 404 and entry is not None:
                     self.index.drop_tag(*key)
                 return await self._relay(request, upstream, ex, deadline)
@@ -446,26 +480,77 @@ class ManifestCache:
         finally:
             upstream.release()
         if await self._keep(origin, route.name, digest, body, media_type, ex):
-            self.index.set_tag(*key, digest, media_type)
+            self._set_tag(key, digest, media_type)
         return self._answer(request, body, media_type, digest, ex)
 
     def _tag_entry(self, key: tuple[str, str, str, str], variant: str) -> TagEntry | None:
-        """The cached answer for this tag that fits the client's Accept list.
+        """The cached answer for this tag that fits the client's Accept list."""
+        return _fitting(self.index.tag_variants(*key[:3]), variant)
 
-        A registry returns a tag's stored manifest as it is whenever the client accepts its
-        media type, and converts or picks another only when it does not. So an answer that
-        another client got (a `prefetch`, another Docker version) is the right one for this
-        client too when it cannot be such a conversion for this client (_reusable)."""
-        variants = self.index.tag_variants(*key[:3])
-        if variant in variants:
-            return variants[variant]
-        accepted = set(variant.split(",")) if variant else set()
-        fitting = [
-            e
-            for got_by, e in variants.items()
-            if _reusable(e.media_type, set(got_by.split(",")) if got_by else set(), accepted)
-        ]
-        return max(fitting, key=lambda e: e.checked_at, default=None)
+    # --- tags in the cluster's bucket ---------------------------------------------------
+
+    def _set_tag(self, key: tuple[str, str, str, str], digest: str, media_type: str) -> None:
+        """Records a tag's answer as checked now, here and (in the background, no client
+        waits for it) in the cluster's bucket."""
+        self.index.set_tag(*key, digest, media_type)
+        if self.shared is None:
+            return
+        entry = TagEntry(digest, media_type, time.time())
+        task = asyncio.get_running_loop().create_task(self._put_shared_tag(key, entry))
+        self._tag_writes.add(task)
+        task.add_done_callback(self._tag_writes.discard)
+
+    async def _put_shared_tag(self, key: tuple[str, str, str, str], entry: TagEntry) -> None:
+        assert self.shared is not None
+        # The bucket's failure is its own, logged and shown by /healthz once.
+        with contextlib.suppress(BucketUnavailable):
+            await self.shared.put_tag(*key, entry)
+
+    async def _shared_stale(
+        self,
+        request: web.BaseRequest,
+        origin: Origin,
+        route: Route,
+        key: tuple[str, str, str, str],
+        variant: str,
+        cause: object,
+        ex: Exchange,
+    ) -> web.Response | None:
+        """Upstream fails and this node has no answer for the tag it may serve: another
+        node's from the bucket (within stale_if_error of its check), stored here, as
+        STALE; None when the bucket has none."""
+        if self.shared is None or not self.shared.available:
+            return None
+        try:
+            entry = _fitting(await self.shared.tag_variants(*key[:3]), variant)
+            if entry is None or time.time() - entry.checked_at >= self.config.stale_if_error:
+                return None
+            body = self._cached_body(entry.digest)
+            if body is None:
+                body = await self.shared.read_small(entry.digest, MAX_MANIFEST_SIZE)
+        except BucketUnavailable:
+            return None
+        if body is None:
+            return None
+        if await self._keep(origin, route.name, entry.digest, body, entry.media_type, ex):
+            # Stored with the other node's check time: stale_if_error counts from there.
+            self.index.set_tag(*key, entry.digest, entry.media_type, entry.checked_at)
+        response = self._stale(request, origin, entry, body, cause, ex)
+        ex.note += " (tag answer from the shared store)"
+        return response
+
+    async def shared_knows_host(self, host: str) -> bool:
+        """Whether the cluster's bucket holds tag answers of a registry (any node's)."""
+        if self.shared is None or not self.shared.available:
+            return False
+        try:
+            return await self.shared.knows_host(host)
+        except BucketUnavailable:
+            return False
+
+    async def close(self) -> None:
+        if self._tag_writes:
+            await asyncio.wait(set(self._tag_writes), timeout=5)
 
     async def _revalidate(
         self,

@@ -250,7 +250,10 @@ class RegistryProxy:
                 request.method == "GET"
                 and ex.path in ("/v2/", "/v2")
                 and not isinstance(e, ssl.SSLError)
-                and self.index.knows_host(origin.netloc)
+                and (
+                    self.index.knows_host(origin.netloc)
+                    or await self.manifests.shared_knows_host(origin.netloc)
+                )
             ):
                 # A registry we hold tags of is down: answer the API ping ourselves so that
                 # clients go on to the manifests and blobs the cache can still serve.
@@ -268,6 +271,7 @@ class RegistryProxy:
     async def close(self) -> None:
         """Stops the downloads under way; blobs already verified are stored first."""
         await self.blobs.close()
+        await self.manifests.close()
 
 
 def _client_gone(request: web.BaseRequest) -> bool:

@@ -10,7 +10,7 @@ import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .blobs import FilesystemBlobStore
 from .config import Config
@@ -64,6 +64,8 @@ class StoreMaintenance:
         self.size = 0
         self._pins: Counter[str] = Counter()
         self._store_failing = False
+        # Told of each blob committed to the store (the shared tier uploads it).
+        self.listeners: list[Callable[[str], None]] = []
         self.graph = ImageGraph(store, index)
 
     # --- start-up -----------------------------------------------------------------------
@@ -168,7 +170,13 @@ class StoreMaintenance:
 
     def stored(self, digest: str, size: int) -> None:
         self.size += size
+        self.announce(digest)
         self.make_room(0)
+
+    def announce(self, digest: str) -> None:
+        """Tells the listeners a blob (or manifest) was committed to the store."""
+        for listener in self.listeners:
+            listener(digest)
 
     def _candidates(self, inflight: InflightFetches | None, batch: int) -> Iterator[BlobEntry]:
         """Blobs least recently used first, less those being read or fetched and those of

@@ -18,6 +18,7 @@ from support.net import HOSTNAMES, ensure_hosts_entries
 from support.pki import TestCA
 from support.proxy import Proxy
 from support.registry import Registry
+from support.seaweed import Seaweed
 from support.servers import AioThread, Front, TokenIssuer
 from support.topology import PRIVATE_CREDS, TOKEN_CREDS, Pki, TokenSetup
 
@@ -170,3 +171,32 @@ def proxy_factory(
     broken = [p.stderr_path for p in made if "Traceback" in p.stderr()]
     if broken:
         pytest.fail(f"proxy stderr has a Traceback: {[str(b) for b in broken]}")
+
+
+@pytest.fixture(scope="session")
+def seaweed(workroot: Path) -> Iterator[Seaweed]:
+    """SeaweedFS's S3 gateway on loopback, with credentials; each test makes its bucket."""
+    server = Seaweed(workroot / "seaweed").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(seaweed: Seaweed) -> str:
+    return seaweed.make_bucket()
+
+
+@pytest.fixture
+def make_seaweed(tmp_path: Path) -> Iterator[Callable[[], Seaweed]]:
+    """A SeaweedFS of a test's own, for tests that stop and start it."""
+    made: list[Seaweed] = []
+    counter = itertools.count()
+
+    def make() -> Seaweed:
+        server = Seaweed(tmp_path / f"seaweed-{next(counter)}").start()
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()

@@ -1,0 +1,162 @@
+"""A node's use of the shared bucket (shared_store.py): asked on a miss, filled behind.
+
+The node's own disk stays the hot tier: clients are served from it and from the
+download that fills it. The bucket is asked on a local miss before the registry
+(BucketSource, a blob_sources.BlobSource: another node fetched the blob already), and
+every blob the node stores is uploaded to it afterwards, from the committed local file,
+by a few background workers: no client waits for the bucket.
+
+When the bucket cannot be reached the node carries on without it (misses go upstream,
+/healthz says degraded); what it stored meanwhile is uploaded once the bucket is back,
+found by comparing the local index with the bucket's listing (as at every start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from .blobs import FilesystemBlobStore
+from .index import Index
+from .shared_store import BucketObject, BucketUnavailable, SharedStore, UploadMismatch
+from .upstream import Origin
+
+log = logging.getLogger(__name__)
+
+UPLOADS_AT_ONCE = 2  # background uploads; the node's bandwidth is its clients' first
+WATCH_INTERVAL = 2.0  # seconds between looks at a bucket that is down
+
+
+class BucketSource:
+    """The bucket as a blob source: a 200 streaming the blob, or None (not there, or the
+    bucket is down: then at once, without a request, while its circuit is open)."""
+
+    name = "bucket"
+
+    def __init__(self, shared: SharedStore) -> None:
+        self.shared = shared
+
+    async def open(self, digest: str, origin: Origin, repository: str) -> BucketObject | None:
+        if not self.shared.available:
+            return None
+        try:
+            return await self.shared.open(digest)
+        except BucketUnavailable:
+            return None
+
+
+class SharedTier:
+    def __init__(
+        self,
+        shared: SharedStore,
+        store: FilesystemBlobStore,
+        index: Index,
+        remove_local: Callable[[str], object],
+    ) -> None:
+        self.shared = shared
+        self.store = store
+        self.index = index
+        self.remove_local = remove_local  # a local blob found corrupt goes (purge)
+        self.source = BucketSource(shared)
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queued: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._back = asyncio.Event()  # set while the bucket answers
+        self.uploaded = 0
+
+    # --- life ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.shared.start()
+        if await self.shared.probe():
+            self._back.set()
+            try:
+                aborted = await self.shared.abort_abandoned_uploads()
+            except BucketUnavailable:
+                aborted = 0
+            log.info(
+                "shared store %s/%s%s: %d abandoned multipart uploads aborted",
+                self.shared.config.endpoint,
+                self.shared.bucket,
+                f" (prefix {self.shared.prefix})" if self.shared.prefix else "",
+                aborted,
+            )
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._upload_worker()) for _ in range(UPLOADS_AT_ONCE)]
+        self._tasks.append(loop.create_task(self._watch()))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.shared.close()
+
+    def health(self) -> dict[str, object]:
+        return {
+            "bucket": self.shared.bucket,
+            "reachable": self.shared.healthy,
+            "problem": self.shared.problem,
+            "uploads_pending": len(self._queued),
+            "uploaded": self.uploaded,
+        }
+
+    # --- uploads ------------------------------------------------------------------------
+
+    def stored(self, digest: str) -> None:
+        """A blob is committed to the local store: to the bucket, behind the clients."""
+        if digest not in self._queued:
+            self._queued.add(digest)
+            self._queue.put_nowait(digest)
+
+    async def rescan(self) -> int:
+        """Queues every local blob the bucket lacks; how many."""
+        in_bucket = set()
+        async for digest, _size in self.shared.list():
+            in_bucket.add(digest)
+        missing = self.index.all_digests() - in_bucket
+        for digest in missing:
+            self.stored(digest)
+        return len(missing)
+
+    async def _upload_worker(self) -> None:
+        while True:
+            digest = await self._queue.get()
+            await self._back.wait()
+            try:
+                if await self.shared.upload(digest, self.store.path(digest)):
+                    self.uploaded += 1
+                    log.debug("uploaded %s to the shared store", digest)
+            except FileNotFoundError:
+                pass  # evicted before its turn: another node may upload it
+            except BucketUnavailable:
+                # The whole set is found again by the rescan when the bucket is back.
+                self._back.clear()
+            except UploadMismatch as e:
+                log.error("not uploading %s: %s; removing the damaged local copy", digest, e)
+                self.remove_local(digest)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("uploading %s to the shared store failed", digest)
+            finally:
+                self._queued.discard(digest)
+
+    async def _watch(self) -> None:
+        """Rescans at start, and whenever the bucket comes back after being down."""
+        rescanned = False
+        while True:
+            if self.shared.healthy and not rescanned:
+                with contextlib.suppress(BucketUnavailable):
+                    queued = await self.rescan()
+                    rescanned = True
+                    self._back.set()
+                    if queued:
+                        log.info("uploading %d local blobs the shared store lacks", queued)
+            elif not self.shared.healthy:
+                rescanned = False
+                self._back.clear()
+                if self.shared.available:
+                    await self.shared.probe()
+            await asyncio.sleep(WATCH_INTERVAL)

@@ -1,0 +1,199 @@
+"""shared_store.py against a real S3 service (SeaweedFS): what each call leaves in the
+bucket, uploads that must leave nothing, the clean-up of abandoned uploads, and a
+bucket that goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+from support.seaweed import Seaweed
+
+from proxy_app.config import StoreConfig
+from proxy_app.index import TagEntry
+from proxy_app.shared_store import (
+    PART_SIZE,
+    BucketUnavailable,
+    SharedStore,
+    UploadMismatch,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def store_config(seaweed: Seaweed, bucket: str, prefix: str = "node-tests/") -> StoreConfig:
+    return StoreConfig(
+        type="s3",
+        endpoint=seaweed.endpoint,
+        bucket=bucket,
+        prefix=prefix,
+        access_key_id=seaweed.access_key,
+        secret_access_key=seaweed.secret_key,
+    )
+
+
+def blob_file(tmp_path: Path, size: int) -> tuple[Path, str, bytes]:
+    data = os.urandom(size)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    path = tmp_path / digest[7:]
+    path.write_bytes(data)
+    return path, digest, data
+
+
+async def opened(seaweed: Seaweed, bucket: str) -> SharedStore:
+    shared = SharedStore(store_config(seaweed, bucket))
+    await shared.start()
+    return shared
+
+
+def test_blobs_in_the_bucket(seaweed: Seaweed, bucket: str, tmp_path: Path) -> None:
+    small = blob_file(tmp_path, 100_000)
+    large = blob_file(tmp_path, 2 * PART_SIZE + 12345)  # three parts
+
+    async def run() -> None:
+        shared = await opened(seaweed, bucket)
+        try:
+            for path, digest, data in (small, large):
+                assert await shared.size(digest) is None
+                assert await shared.open(digest) is None
+                assert await shared.upload(digest, path) is True
+                assert await shared.upload(digest, path) is False  # there already
+                assert await shared.size(digest) == len(data)
+                answer = await shared.open(digest)
+                assert answer is not None and answer.status == 200
+                assert answer.content_length == len(data)
+                got = bytearray()
+                while chunk := await answer.content.readany():
+                    got += chunk
+                answer.release()
+                assert bytes(got) == data
+                part = await shared.open(digest, 10, 20)
+                assert part is not None and await part.content.read() == data[10:20]
+                part.release()
+            listed = {d: s async for d, s in shared.list()}
+            assert listed == {small[1]: len(small[2]), large[1]: len(large[2])}
+            await shared.delete(small[1])
+            assert not await shared.has(small[1])
+            assert await shared.read_small(large[1], 100) is None  # too large for that
+        finally:
+            await shared.close()
+
+    asyncio.run(run())
+    keys = seaweed.keys(bucket)
+    assert set(keys) == {f"node-tests/blobs/sha256/{large[1][7:]}"}
+    assert seaweed.multipart_uploads(bucket) == []
+
+
+@pytest.mark.parametrize("size", [50_000, 2 * PART_SIZE + 1])
+def test_mismatching_upload_leaves_nothing(
+    seaweed: Seaweed, bucket: str, tmp_path: Path, size: int
+) -> None:
+    """A local file whose bytes are not its digest's: no object, no incomplete upload."""
+    path, digest, data = blob_file(tmp_path, size)
+    damaged = bytearray(data)
+    damaged[-1] ^= 0xFF  # the last byte: a multipart upload has sent every other part
+    path.write_bytes(damaged)
+
+    async def run() -> None:
+        shared = await opened(seaweed, bucket)
+        try:
+            with pytest.raises(UploadMismatch):
+                await shared.upload(digest, path)
+        finally:
+            await shared.close()
+
+    asyncio.run(run())
+    assert seaweed.keys(bucket) == {}
+    assert seaweed.multipart_uploads(bucket) == []
+
+
+def test_abandoned_uploads_are_aborted_but_running_ones_kept(seaweed: Seaweed, bucket: str) -> None:
+    client = seaweed.client()
+    mine = client.create_multipart_upload(Bucket=bucket, Key="node-tests/blobs/sha256/" + "a" * 64)
+    client.upload_part(
+        Bucket=bucket,
+        Key=mine["Key"],
+        UploadId=mine["UploadId"],
+        PartNumber=1,
+        Body=b"x" * 1000,
+    )
+    other = client.create_multipart_upload(Bucket=bucket, Key="another-prefix/object")
+    time.sleep(1.5)
+
+    async def run() -> tuple[int, int]:
+        shared = await opened(seaweed, bucket)
+        try:
+            # A node starting now: the upload is a second old, another node's running one.
+            kept = await shared.abort_abandoned_uploads()
+            # Once it is older than the age given, it is a crashed node's.
+            aborted = await shared.abort_abandoned_uploads(older_than=1.0)
+        finally:
+            await shared.close()
+        return kept, aborted
+
+    assert asyncio.run(run()) == (0, 1)
+    remaining = [u["Key"] for u in seaweed.multipart_uploads(bucket)]
+    assert remaining == ["another-prefix/object"], "only the prefix's own uploads go"
+    assert seaweed.keys(bucket) == {}
+    client.abort_multipart_upload(Bucket=bucket, Key=other["Key"], UploadId=other["UploadId"])
+
+
+def test_tag_answers(seaweed: Seaweed, bucket: str) -> None:
+    async def run() -> None:
+        shared = await opened(seaweed, bucket)
+        try:
+            a = TagEntry("sha256:" + "1" * 64, "application/vnd.oci.image.index.v1+json", 100.0)
+            b = TagEntry(
+                "sha256:" + "2" * 64, "application/vnd.docker.distribution.manifest.v2+json", 200.0
+            )
+            await shared.put_tag("reg.example:5000", "team/app", "v1", "x,y", a)
+            await shared.put_tag("reg.example:5000", "team/app", "v1", "", b)
+            await shared.put_tag("reg.example:5000", "team/app/v1", "v2", "", b)
+            got = await shared.tag_variants("reg.example:5000", "team/app", "v1")
+            assert got == {"x,y": a, "": b}
+            assert await shared.tag_variants("reg.example:5000", "team/app", "v2") == {}
+        finally:
+            await shared.close()
+
+    asyncio.run(run())
+
+
+def test_unreachable_bucket_fails_fast(make_seaweed, tmp_path: Path) -> None:
+    server = make_seaweed()
+    bucket = server.make_bucket()
+    path, digest, _ = blob_file(tmp_path, 1000)
+    server.stop()
+
+    async def run() -> None:
+        shared = await opened(server, bucket)
+        try:
+            started = time.monotonic()
+            with pytest.raises(BucketUnavailable):
+                await shared.size(digest)
+            assert not shared.healthy and not shared.available
+            # the circuit is open: the next call does not even try
+            with pytest.raises(BucketUnavailable):
+                await shared.upload(digest, path)
+            assert time.monotonic() - started < 5
+            assert server.secret_key not in (shared.problem or "")
+            assert not await shared.probe()
+        finally:
+            await shared.close()
+
+    asyncio.run(run())
+    server.start()
+
+    async def back() -> None:
+        shared = await opened(server, bucket)
+        try:
+            assert await shared.probe()
+            assert shared.healthy
+            assert await shared.upload(digest, path)
+        finally:
+            await shared.close()
+
+    asyncio.run(back())
