@@ -69,7 +69,7 @@ def test_each_client_trusts_the_cluster_ca(node1: Host, docker_client: tuple[Hos
     assert client.file(CLIENT_CA).content_string == served_ca(node1)
     drop_in = client.file("/etc/systemd/system/docker.service.d/http-proxy.conf").content_string
     assert f"HTTPS_PROXY=http://{node}:{PORT}" in drop_in
-    info = ok(client, "docker info --format '{{.HttpsProxy}}'").strip()
+    info = ok(client, "docker info --format '{{.HTTPSProxy}}'").strip()
     assert info == f"http://{node}:{PORT}"
 
 
