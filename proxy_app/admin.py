@@ -11,6 +11,7 @@ sees and changes the index in one piece.
 
     GET  /admin/images[?glob=REGISTRY/REPO-GLOB]   cached images (ls)
     GET  /admin/pins                               pinned references
+    GET  /admin/cluster                            the shared store and peers as seen here
     POST /admin/purge|pin|unpin|refresh  {"ref": "registry/repo:tag" or "...@sha256:..."}
 
 Answers are JSON; an error is `{"error": "what to fix"}` with 400 (not a reference),
@@ -104,6 +105,8 @@ class Admin:
         self.graph = maintenance.graph
         self.inflight = inflight
         self.tag_policy = TagPolicy(config.tag_rules, config.tag_ttl)
+        # The app's view of the shared store and the peers (app.py), when it has one.
+        self.cluster_status: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -303,6 +306,10 @@ class Admin:
             return {"images": self.images(request.query.get("glob"))}
         if path == "/admin/pins" and method == "GET":
             return {"pins": self.pins()}
+        if path == "/admin/cluster" and method == "GET":
+            if self.cluster_status is None:
+                return {"node": None, "shared_store": None, "peers": []}
+            return await self.cluster_status()
         actions: dict[str, Callable[[ImageRef], dict[str, Any]]] = {
             "/admin/purge": self.purge,
             "/admin/pin": self.pin,
@@ -312,7 +319,9 @@ class Admin:
         action = actions.get(path)
         if action is None:
             raise AdminError(
-                404, "not an admin call: GET /admin/images, /admin/pins; POST /admin/<action>"
+                404,
+                "not an admin call: GET /admin/images, /admin/pins, /admin/cluster; "
+                "POST /admin/<action>",
             )
         if method != "POST":
             raise AdminError(405, f"{path} takes POST with {{'ref': ...}}")

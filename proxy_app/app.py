@@ -6,10 +6,13 @@ This object is the only state the process has; everything else hangs off it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,6 +30,7 @@ from .registry import RegistryProxy
 from .server import ProxyServer
 from .shared_store import SharedStore
 from .shared_tier import SharedTier
+from .shared_trim import SharedTrimmer
 from .store_maintenance import STORE_ERRORS, StoreMaintenance
 from .upstream import Upstream
 
@@ -51,6 +55,8 @@ class RegistryCacheApp:
         self.admin_socket: AdminSocket | None = None
         self.peer_source: PeerSource | None = None
         self.shared_tier: SharedTier | None = None  # store: {type: s3}
+        self.trimmer: SharedTrimmer | None = None  # its access maps, lease and size bound
+        self.cluster: Cluster | None = None
         self._housekeeping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -59,6 +65,7 @@ class RegistryCacheApp:
         ca = CertificateAuthority.load_or_create(cfg.ca_dir, cfg.ca_name_constraints)
         log.info("CA %s (sha256 %s)", cfg.ca_dir / "ca.crt", ca.fingerprint())
         cluster = Cluster(cfg) if cfg.peers else None  # a ConfigError before anything opens
+        self.cluster = cluster
         self.store = FilesystemBlobStore(cfg.cache_dir)
         self.index, rebuilt = Index.open_or_rebuild(cfg.cache_dir / "index.sqlite3")
         self.maintenance = StoreMaintenance(cfg, self.store, self.index, self.metrics)
@@ -87,6 +94,7 @@ class RegistryCacheApp:
         self.metrics.max_size.set(cfg.max_size)
         self.admin = Admin(cfg, self.index, self.maintenance, self.registry.inflight)
         self.admin.apply_config_pins()
+        self.admin.cluster_status = self.cluster_status
         self.server = ProxyServer(
             cfg,
             ca,
@@ -104,6 +112,8 @@ class RegistryCacheApp:
         except OSError:
             if self.peer_source is not None:
                 await self.peer_source.close()
+            if self.trimmer is not None:
+                await self.trimmer.close()
             if self.shared_tier is not None:
                 await self.shared_tier.close()
             await self.server.close()
@@ -128,11 +138,37 @@ class RegistryCacheApp:
             self.index,
             self.maintenance.remove,
         )
+        trimmer = SharedTrimmer(
+            tier.shared,
+            self.index,
+            self.maintenance.graph,
+            self.node_name(),
+            self.config.shared_max_size,
+            self.config.shared_trim_interval,
+        )
+        tier.upload_floor = trimmer.upload_floor
         await tier.start()
         self.shared_tier = tier
+        trimmer.start()
+        self.trimmer = trimmer
         self.maintenance.listeners.append(tier.stored)
         self.registry.blobs.sources.append(tier.source)
         self.registry.manifests.shared = tier.shared
+
+    def node_name(self) -> str:
+        """This node's name in the bucket's access maps and lease: its `peers` entry, else
+        a name made at its first start and kept in cache_dir."""
+        if self.cluster is not None:
+            return self.cluster.me
+        path = self.config.cache_dir / "node-name"
+        try:
+            name = path.read_text().strip()
+        except FileNotFoundError:
+            name = ""
+        if not name:
+            name = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+            path.write_text(name + "\n")
+        return name
 
     async def _housekeep(self) -> None:
         while True:
@@ -184,6 +220,41 @@ class RegistryCacheApp:
             details["shared_store"] = shared
         return writable, details
 
+    async def cluster_status(self) -> dict[str, Any]:
+        """The shared store and the peers as this node sees them (`registry-cache status`,
+        GET /admin/cluster). Never a credential."""
+        cfg = self.config
+        shared: dict[str, Any] | None = None
+        if self.shared_tier is not None:
+            shared = {
+                "endpoint": cfg.store.endpoint,
+                "bucket": cfg.store.bucket,
+                "prefix": cfg.store.prefix,
+                "reachable": self.shared_tier.shared.healthy,
+                "problem": self.shared_tier.shared.problem,
+                "shared_max_size": cfg.shared_max_size,
+                "trim_interval": cfg.shared_trim_interval,
+                "uploads_pending": len(self.shared_tier._queued),
+            }
+            if self.trimmer is not None:
+                shared["node"] = self.trimmer.me
+                shared["lease"] = self.trimmer.status()
+        peers: list[dict[str, Any]] = []
+        if self.cluster is not None:
+            me = self.cluster.me
+
+            async def look(node: str) -> dict[str, Any]:
+                if node == me:
+                    return {"node": node, "self": True, "reachable": True}
+                return {"node": node, "self": False, "reachable": await reachable(node)}
+
+            peers = list(await asyncio.gather(*(look(n) for n in self.cluster.nodes)))
+        return {
+            "node": self.trimmer.me if self.trimmer is not None else None,
+            "shared_store": shared,
+            "peers": peers,
+        }
+
     def status(self) -> dict[str, Any]:
         """The status page's data (`GET /`, as HTML or JSON)."""
         now = self.metrics.activity.clock()
@@ -210,12 +281,28 @@ class RegistryCacheApp:
         await self.registry.close()
         if self.peer_source is not None:
             await self.peer_source.close()
+        if self.trimmer is not None:
+            await self.trimmer.close()
         if self.shared_tier is not None:
             await self.shared_tier.close()
         await self.upstream.close()
         self.flush()
         self.index.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def reachable(node: str) -> bool:
+    """Whether a peer's listener accepts a TCP connection within 2 s (host:port, [v6]:port)."""
+    host, _, port = node.rpartition(":")
+    try:
+        async with asyncio.timeout(2.0):
+            _reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 def quiet_tls_disconnects(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

@@ -124,6 +124,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         "oldest_access": oldest,
     }
     index.close()
+    cluster = _cluster_view(config) if config.store.shared or config.peers else None
+    if cluster is not None:
+        report["cluster"] = cluster
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -134,7 +137,69 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"entries       {report['entries']}")
     print(f"hit ratio     {ratio} ({hits} hits, {stale} stale, {misses} misses)")
     print(f"oldest entry  last used {age}")
+    if cluster is not None:
+        for line in _cluster_lines(cluster):
+            print(line)
     return 0
+
+
+def _cluster_view(config: Config) -> dict[str, Any]:
+    """The running service's view of the shared store and the peers (admin socket)."""
+    from .admin_client import AdminRefused, AdminUnavailable, call
+
+    try:
+        return call(config.admin_socket_path, "GET", "/admin/cluster")
+    except (AdminUnavailable, AdminRefused) as e:
+        return {"error": str(e)}
+
+
+def _cluster_lines(view: dict[str, Any]) -> list[str]:
+    if "error" in view:
+        return [f"cluster       not asked: {view['error']}"]
+    lines = []
+    now = time.time()
+    shared = view.get("shared_store")
+    if shared:
+        state = "reachable" if shared.get("reachable") else f"UNREACHABLE: {shared.get('problem')}"
+        prefix = shared.get("prefix") or "-"
+        lines.append(
+            f"shared store  {shared['endpoint']} bucket {shared['bucket']} prefix {prefix} "
+            f"({state})"
+        )
+        lease = shared.get("lease") or {}
+        bound = shared.get("shared_max_size")
+        if bound is None:
+            lines.append("  size        not bounded (no shared_max_size): not trimmed")
+        elif lease.get("bucket_bytes") is not None:
+            age = now - float(lease.get("trimmed_at") or now)
+            lines.append(
+                f"  size        {_human(lease['bucket_bytes'])} of {_human(bound)} "
+                f"(shared_max_size), {lease.get('bucket_blobs')} blobs, at the last trim "
+                f"{age:.0f} s ago"
+            )
+        else:
+            lines.append(f"  size        not known yet (no trim seen); bound {_human(bound)}")
+        if bound is not None:
+            holder = lease.get("holder")
+            if holder is None:
+                lines.append("  trim lease  held by nobody (expired or never taken)")
+            else:
+                mine = " (this node)" if lease.get("held_by_me") else ""
+                left = float(lease.get("expires") or now) - now
+                lines.append(f"  trim lease  held by {holder}{mine}, {left:.0f} s left")
+    peers = view.get("peers") or []
+    if peers:
+        parts = []
+        for peer in peers:
+            if peer.get("self"):
+                parts.append(f"{peer['node']} (this node)")
+            else:
+                seen = "reachable" if peer["reachable"] else "UNREACHABLE"
+                parts.append(f"{peer['node']} {seen}")
+        lines.append("peers         " + ", ".join(parts))
+    elif view.get("node"):
+        lines.append(f"node          {view['node']} (no peers)")
+    return lines
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -252,7 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("serve", "run the proxy").set_defaults(func=cmd_serve)
-    st = add("status", "size, entries, hit ratio and oldest entry of the cache")
+    st = add(
+        "status",
+        "size, entries, hit ratio and oldest entry of the cache; the shared store and the "
+        "peers as the running service sees them",
+    )
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=cmd_status)
     add("gc", "remove blobs unused for `inactive` and evict down to max_size now").set_defaults(

@@ -150,6 +150,9 @@ class Config:
     # The shared tier behind the local one (store: {type: s3, ...}), and its size bound.
     store: StoreConfig = StoreConfig()
     shared_max_size: int | None = None
+    # How often a node publishes its reads to the bucket and the trim lease is renewed
+    # (the lease expires after two); tuning, short in tests (shared_trim.py).
+    shared_trim_interval: float = 60.0
     # True when `listen` was not configured: a missing IPv6 stack then is not an error.
     listen_is_default: bool = True
 
@@ -647,6 +650,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "peer_self": lambda v: None if _unset(v) else parse_peer(str(v)),
     "store": parse_store,
     "shared_max_size": parse_optional_size,
+    "shared_trim_interval": lambda v: parse_positive_duration(v),
 }
 
 # Keys whose environment value is YAML rather than a plain string (lists of mappings).

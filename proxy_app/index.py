@@ -265,6 +265,10 @@ class Index:
     def all_digests(self) -> set[str]:
         return {r[0] for r in self._db.execute("SELECT digest FROM blobs")}
 
+    def last_accesses(self) -> dict[str, float]:
+        """Every stored blob's last access (flush_access first for the latest)."""
+        return {r[0]: r[1] for r in self._db.execute("SELECT digest, last_access FROM blobs")}
+
     # --- counters that outlive the process (for `registry-cache status`) -------------------
 
     def add_stats(self, deltas: dict[str, int]) -> None:

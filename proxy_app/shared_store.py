@@ -61,6 +61,10 @@ class UploadMismatch(Exception):
     """The local file's bytes do not hash to its digest: nothing was stored in the bucket."""
 
 
+class PreconditionFailed(Exception):
+    """A conditional write lost: the object is not (or no longer) as the writer saw it."""
+
+
 class BucketObject:
     """A GetObject answer, shaped as blob_sources.SourceAnswer (aiohttp's response)."""
 
@@ -173,6 +177,9 @@ class SharedStore:
                 return None
             if code == "NoSuchUpload":
                 raise
+            if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                self._ok()  # the bucket answered: another writer came first
+                raise PreconditionFailed(code or str(status)) from e
             raise self._failed(e) from e
         except (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as e:
             raise self._failed(e) from e
@@ -295,6 +302,62 @@ class SharedStore:
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
+
+    async def list_detailed(self) -> AsyncIterator[tuple[str, int, float]]:
+        """Every blob in the bucket: (digest, size, LastModified as a Unix time)."""
+        prefix = f"{self.prefix}blobs/sha256/"
+        async for item in self._objects(prefix):
+            digest = "sha256:" + item["Key"][len(prefix) :]
+            if SHA256_DIGEST.fullmatch(digest):
+                modified = item.get("LastModified")
+                at = modified.timestamp() if modified is not None else 0.0
+                yield digest, int(item["Size"]), at
+
+    # --- small JSON documents: access maps, the trim lease (shared_trim.py) --------------
+
+    async def list_keys(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
+        """Every object under `<prefix><prefix argument>`: (key, size)."""
+        async for item in self._objects(self.prefix + prefix):
+            yield item["Key"], int(item.get("Size", 0))
+
+    async def get_document(self, key: str, limit: int) -> tuple[Any, str] | None:
+        """A JSON object's value and ETag; None when it is missing, too large or not JSON."""
+        answer = await self._call("get_object", missing_ok=True, Key=key)
+        if answer is None:
+            return None
+        async with answer["Body"] as body:
+            if int(answer.get("ContentLength") or 0) > limit:
+                return None
+            raw = await body.read()
+        if len(raw) > limit:
+            return None
+        try:
+            return json.loads(raw), str(answer.get("ETag", ""))
+        except ValueError:
+            return None
+
+    async def put_document(
+        self, key: str, document: Any, if_match: str | None = None, if_absent: bool = False
+    ) -> str:
+        """Writes a JSON object; its new ETag. With `if_match` (an ETag) or `if_absent` the
+        write is conditional (If-Match, If-None-Match: *): PreconditionFailed when the
+        object changed meanwhile, or is there already."""
+        kwargs: dict[str, Any] = {}
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match
+        elif if_absent:
+            kwargs["IfNoneMatch"] = "*"
+        answer = await self._call(
+            "put_object",
+            Key=key,
+            Body=json.dumps(document, separators=(",", ":")).encode(),
+            ContentType="application/json",
+            **kwargs,
+        )
+        return str(answer.get("ETag", ""))
+
+    async def delete_key(self, key: str) -> None:
+        await self._call("delete_object", Key=key)
 
     async def abort_abandoned_uploads(self, older_than: float = ABANDONED_UPLOAD_AGE) -> int:
         """Aborts the incomplete multipart uploads under the prefix started more than

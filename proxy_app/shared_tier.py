@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from .blobs import FilesystemBlobStore
 from .index import Index
@@ -65,6 +65,8 @@ class SharedTier:
         self._tasks: list[asyncio.Task[None]] = []
         self._back = asyncio.Event()  # set while the bucket answers
         self.uploaded = 0
+        # The last read below which the trimmer deleted blobs (shared_trim.py), if any.
+        self.upload_floor: Callable[[], Awaitable[float | None]] | None = None
 
     # --- life ---------------------------------------------------------------------------
 
@@ -111,11 +113,19 @@ class SharedTier:
             self._queue.put_nowait(digest)
 
     async def rescan(self) -> int:
-        """Queues every local blob the bucket lacks; how many."""
+        """Queues every local blob the bucket lacks; how many. Not those unread here since
+        the trimmer deleted blobs read as late (they went, or would go, for the bound; an
+        upload would make them look new)."""
         in_bucket = set()
         async for digest, _size in self.shared.list():
             in_bucket.add(digest)
-        missing = self.index.all_digests() - in_bucket
+        floor = await self.upload_floor() if self.upload_floor is not None else None
+        self.index.flush_access()
+        missing = {
+            digest
+            for digest, at in self.index.last_accesses().items()
+            if digest not in in_bucket and (floor is None or at > floor)
+        }
         for digest in missing:
             self.stored(digest)
         return len(missing)
