@@ -241,56 +241,78 @@ def _tiers(cl: Cluster, p: Params, log: Any) -> dict[str, Any]:
     }
 
 
-def _cold_non_owner(cl: Cluster, p: Params, log: Any) -> dict[str, Any]:
-    """Per run a fresh 3-node cluster (fresh prefix): the layers the node that owns
-    the fewest does not own, fetched one after another through it (their owners
-    download them and stream them to it), against the same layers from the upstream."""
+def _cold_run(cl: Cluster, kind: str, first: str) -> tuple[dict[str, float], int, int]:
+    """One pair on a fresh 3-node cluster (fresh prefix): through the node that owns
+    the fewest of the image's blobs (their owners download the rest and stream them to
+    it) and straight from the upstream, `first` first. `kind` "pull": skopeo copies the
+    whole image; "get": curl fetches the layers the node does not own, one after
+    another. The seconds of each side; the blobs that went through a peer, of how many."""
     bench = cl.bench
-    layers = bench.image.layer_digests
-    times: dict[str, list[float]] = {"node": [], "direct": []}
-    fetched_bytes = 0
-    for i in range(p.cluster_runs_cold):
-        nodes = cl.nodes(_prefix())
-        try:
-            names = [name_of(n) for n in nodes]
-            # the node that owns the fewest layers: the most go through its peers
-            asker = min(nodes, key=lambda n: sum(owner(names, d) == name_of(n) for d in layers))
-            theirs = [d for d in layers if owner(names, d) != name_of(asker)]
-            urls = [bench.blob_url(d) for d in theirs]
-            order = ("direct", "node") if i % 2 == 0 else ("node", "direct")
-            for side in order:
-                if side == "node":
-                    r = tools.curl(urls, asker.ca_path, proxy_port=asker.port)
-                else:
-                    r = tools.curl(urls, bench.pki.ca_path)
-                expected = sum(bench.image.sizes[d] for d in theirs)
-                if not r.ok or r.bytes != expected:
-                    raise RuntimeError(f"{side}: {r.codes}, {r.bytes} of {expected} bytes")
-                times[side].append(r.seconds)
-            fetched_bytes = expected
-            peer_lines = [
-                ln
-                for n in nodes
-                if n is not asker
-                for ln in n.log_lines()
-                if ln.rstrip().endswith("peer")
-            ]
-            if len(peer_lines) < len(theirs):
-                raise RuntimeError(f"the owners were not asked: {peer_lines}")
-        finally:
-            cl.drop(nodes)
-        log(
-            f"  run {i + 1}: {len(theirs)} layers not its own: direct {times['direct'][-1]:.2f} s,"
-            f" through the node {times['node'][-1]:.2f} s"
-        )
-    return {
-        "node_s": median(times["node"]),
-        "direct_s": median(times["direct"]),
-        "ratio": paired_ratio(times["node"], times["direct"]),
-        "ratio_quartiles": _quartiles(pair_ratios(times["node"], times["direct"])),
-        "bytes": fetched_bytes,
-        "samples_s": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
+    nodes = cl.nodes(_prefix())
+    try:
+        names = [name_of(n) for n in nodes]
+        blobs = bench.image.blob_digests if kind == "pull" else bench.image.layer_digests
+        asker = min(nodes, key=lambda n: sum(owner(names, d) == name_of(n) for d in blobs))
+        theirs = [d for d in blobs if owner(names, d) != name_of(asker)]
+        urls = [bench.blob_url(d) for d in theirs]
+        expected = sum(bench.image.sizes[d] for d in theirs)
+        out: dict[str, float] = {}
+        for side in (first, "direct" if first == "node" else "node"):
+            port = asker.port if side == "node" else None
+            if kind == "pull":
+                cert_dir = asker.cert_dir if side == "node" else bench.pki.cert_dir
+                out[side] = tools.skopeo_pull(bench.upstream_ref(), cert_dir, proxy_port=port)
+                continue
+            ca = asker.ca_path if side == "node" else bench.pki.ca_path
+            r = tools.curl(urls, ca, proxy_port=port)
+            if not r.ok or r.bytes != expected:
+                raise RuntimeError(f"{side}: {r.codes}, {r.bytes} of {expected} bytes")
+            out[side] = r.seconds
+        peer_lines = [
+            ln
+            for n in nodes
+            if n is not asker
+            for ln in n.log_lines()
+            if ln.rstrip().endswith("peer") and "/blobs/" in ln
+        ]
+        if len(peer_lines) < len(theirs):
+            raise RuntimeError(f"the owners were not asked: {peer_lines}")
+    finally:
+        cl.drop(nodes)
+    return out, len(theirs), len(blobs)
+
+
+def _cold_non_owner(cl: Cluster, p: Params, log: Any) -> dict[str, Any]:
+    """Pairs of cold runs, alternating which side goes first: a whole-image pull
+    (skopeo, as figure 3) and the GETs of the layers that are not the node's own (curl)."""
+    times: dict[str, dict[str, list[float]]] = {
+        kind: {"node": [], "direct": []} for kind in ("pull", "get")
     }
+    through: dict[str, list[str]] = {"pull": [], "get": []}
+    for i in range(p.cluster_runs_cold):
+        first = "direct" if i % 2 == 0 else "node"
+        for kind in ("pull", "get"):
+            pair, peer, total = _cold_run(cl, kind, first)
+            for side, seconds in pair.items():
+                times[kind][side].append(seconds)
+            through[kind].append(f"{peer}/{total}")
+        log(
+            f"  run {i + 1}: image pull direct {times['pull']['direct'][-1]:.2f} s, through "
+            f"the node {times['pull']['node'][-1]:.2f} s ({through['pull'][-1]} blobs from "
+            f"peers); layer GETs ({through['get'][-1]} layers) direct "
+            f"{times['get']['direct'][-1]:.2f} s, through the node {times['get']['node'][-1]:.2f} s"
+        )
+    out: dict[str, Any] = {}
+    for kind, t in times.items():
+        out[kind] = {
+            "node_s": median(t["node"]),
+            "direct_s": median(t["direct"]),
+            "ratio": paired_ratio(t["node"], t["direct"]),
+            "ratio_quartiles": _quartiles(pair_ratios(t["node"], t["direct"])),
+            "through_peers": through[kind],
+            "samples_s": {k: [round(v, 3) for v in vs] for k, vs in t.items()},
+        }
+    return out
 
 
 def cluster(bench: Bench, p: Params, log: Any) -> dict[str, Any]:
