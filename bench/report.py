@@ -463,7 +463,7 @@ def cluster_markdown(results: dict[str, Any], mach: dict[str, str], meta: dict[s
         "same files in the same run, pairs alternating which goes first; a fresh node each "
         "run. The bucket tier writes each blob to the node's disk as it streams it, and "
         "reads SeaweedFS over plain HTTP: no target, reported.",
-        "- C3: per run and side, three fresh nodes (peers) on a fresh prefix, and the "
+        "- C3: per pair and row, three fresh nodes (peers) on a fresh prefix, and the "
         "node that owns the fewest of the image's blobs (rendezvous hashing); it asks "
         "the bucket (empty), then each blob's owner, which downloads it and streams it "
         "while it is written. First row: figure 3's `skopeo copy` of the whole image "
