@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import REPO_ROOT, figures, report, tools
+from . import REPO_ROOT, cluster, figures, report, tools
 from .figures import Params
 from .services import Bench
 
@@ -31,6 +31,8 @@ QUICK = {
         rss_downloads=200,
         latency_batches=2,
         latency_requests=300,
+        cluster_runs_tier=2,
+        cluster_runs_cold=2,
     ),
 }
 # Kept between runs: the generated image and the upstream storage holding it.
@@ -43,6 +45,7 @@ FIGURES = (
     "peak_rss",
     "cold_pull",
     "herd",
+    "cluster",
 )
 
 
@@ -139,16 +142,22 @@ def main(argv: list[str] | None = None) -> int:
         step("peak_rss", rss)
         step("cold_pull", lambda: figures.cold_pull(bench, p, _log))
         step("herd", lambda: figures.herd(bench, p, _log))
+        step("cluster", lambda: cluster.cluster(bench, p, _log))
         if args.keep:
             _log(f"logs kept in {bench.run_dir}")
     meta["seconds"] = time.monotonic() - started
     meta["load_after"] = report.load()
 
-    rows = report.rows(results)
+    rows = [r for r in report.rows(results) if "cluster" not in wanted or r.value != "not run"]
+    cluster_rows = report.cluster_rows(results)
     if report.errors_text(results):
         print("\nerrors:\n" + report.errors_text(results))
     print()
-    print(report.table(rows))
+    if rows:
+        print(report.table(rows))
+    if cluster_rows:
+        print(f"\n{report.CLUSTER_HEADING[3:]}\n")
+        print(report.table(cluster_rows))
     print(
         f"\n{meta['mode']} run, {meta['seconds']:.0f} s; load {meta['load_before']} -> "
         f"{meta['load_after']}"
@@ -163,7 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         doc = REPO_ROOT / "docs" / "BENCHMARKS.md"
         doc.write_text(report.markdown(rows, results, mach, meta))
         print(f"written: {doc.relative_to(REPO_ROOT)}")
-    failed = [r for r in rows if r.value.startswith("failed")]
+    elif args.only == ["cluster"] and not args.quick and not args.no_write and not args.layer_mb:
+        # The cluster's section alone, the other figures' left as their last full run wrote
+        doc = REPO_ROOT / "docs" / "BENCHMARKS.md"
+        section = report.cluster_markdown(results, mach, meta)
+        doc.write_text(report.with_cluster_section(doc.read_text(), section))
+        print(f"written: the cluster section of {doc.relative_to(REPO_ROOT)}")
+    failed = [r for r in rows + cluster_rows if r.value.startswith("failed")]
     return 1 if failed else 0
 
 

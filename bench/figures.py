@@ -36,6 +36,10 @@ class Params:
     rss_downloads: int = 200
     latency_batches: int = 3
     latency_requests: int = 500
+    # issue 18 (bench/cluster.py)
+    cluster_clients: int = 30
+    cluster_runs_tier: int = 3
+    cluster_runs_cold: int = 4
 
 
 def pair_ratios(ours: list[float], theirs: list[float]) -> list[float]:

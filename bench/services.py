@@ -266,23 +266,24 @@ class Bench:
         if workdir is None:
             self._proxies += 1
             workdir = self.run_dir / f"proxy-{self._proxies}"
-        proxy = Proxy(
-            workdir,
-            {
-                "ca_dir": str(self.run_dir / "proxy-ca"),
-                "upstream_ca_bundle": str(self.pki.ca_path),
-                # named, not "*": the proxy connects to loopback only for named hosts
-                "intercept": [UPSTREAM_HOST],
-                "allowed_ports": [443, self.upstream.port],
-                "tag_ttl": "5m",
-                "log_format": "text",
-                # the mirror front door's registry for names without one (figure 2b)
-                "mirror_default_registry": self.upstream.netloc,
-            },
-        )
+        proxy = Proxy(workdir, self.proxy_config())
         proxy.start()
         self._stack.callback(proxy.stop)
         return proxy
+
+    def proxy_config(self) -> dict[str, Any]:
+        """Every proxy's configuration (one CA directory for all: the cluster's one CA)."""
+        return {
+            "ca_dir": str(self.run_dir / "proxy-ca"),
+            "upstream_ca_bundle": str(self.pki.ca_path),
+            # named, not "*": the proxy connects to loopback only for named hosts
+            "intercept": [UPSTREAM_HOST],
+            "allowed_ports": [443, self.upstream.port],
+            "tag_ttl": "5m",
+            "log_format": "text",
+            # the mirror front door's registry for names without one (figure 2b)
+            "mirror_default_registry": self.upstream.netloc,
+        }
 
     def drop_proxy(self, proxy: Proxy, keep_cache: bool = False) -> None:
         proxy.stop()

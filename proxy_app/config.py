@@ -80,6 +80,9 @@ class StoreConfig:
     prefix: str = ""  # ends with "/" when not empty
     access_key_id: str = ""
     secret_access_key: str = field(default="", repr=False)
+    # Incomplete multipart uploads older than this are a crashed node's and are aborted
+    # at start; younger ones may be another node's upload under way (shared_store.py).
+    abandoned_upload_age: float = 30 * 60.0
 
     @property
     def shared(self) -> bool:
@@ -512,13 +515,16 @@ _STORE_KEYS = (
     "prefix",
     "access_key_id",
     "secret_access_key",
+    "abandoned_upload_age",
 )
+_DURATION_STORE_KEYS = ("abandoned_upload_age",)
 _S3_EXAMPLE = "{type: s3, endpoint: http://seaweed.example:8333, bucket: registry-cache}"
 
 
 def parse_store(value: Any) -> StoreConfig:
     """`{type: filesystem}` (the default) or `{type: s3, endpoint, bucket, region, prefix,
-    access_key_id, secret_access_key}`. No message repeats a value of secret_access_key."""
+    access_key_id, secret_access_key, abandoned_upload_age}`. No message repeats a value
+    of secret_access_key."""
     if value is None or value == "filesystem":
         return StoreConfig()
     if not isinstance(value, Mapping):
@@ -538,6 +544,8 @@ def parse_store(value: Any) -> StoreConfig:
         return StoreConfig()
     strings: dict[str, str] = {}
     for key in _STORE_KEYS[1:]:
+        if key in _DURATION_STORE_KEYS:
+            continue
         raw = value.get(key)
         if raw is None:
             continue
@@ -591,6 +599,12 @@ def parse_store(value: Any) -> StoreConfig:
             f"access_key_id and secret_access_key go together: {missing} is missing "
             "(neither: anonymous requests)"
         )
+    abandoned = StoreConfig.abandoned_upload_age
+    if value.get("abandoned_upload_age") is not None:
+        try:
+            abandoned = parse_duration(value["abandoned_upload_age"])
+        except ConfigError as e:
+            raise ConfigError(f"abandoned_upload_age: {e}") from None
     return StoreConfig(
         type="s3",
         endpoint=endpoint.rstrip("/"),
@@ -599,6 +613,7 @@ def parse_store(value: Any) -> StoreConfig:
         prefix=prefix + "/" if prefix else "",
         access_key_id=key_id,
         secret_access_key=secret,
+        abandoned_upload_age=abandoned,
     )
 
 

@@ -47,9 +47,6 @@ CONNECT_TIMEOUT = 2.0  # seconds: an unreachable bucket must not hold a client's
 READ_TIMEOUT = 30.0
 # How long the circuit stays open after a failure: doubled on each failure in a row.
 RETRY_FIRST, RETRY_MAX = 2.0, 60.0
-# Incomplete multipart uploads older than this are another node's crash, not its
-# running upload, and are aborted at start.
-ABANDONED_UPLOAD_AGE = 30 * 60.0
 MAX_TAG_OBJECT = 64 << 10
 
 
@@ -359,9 +356,13 @@ class SharedStore:
     async def delete_key(self, key: str) -> None:
         await self._call("delete_object", Key=key)
 
-    async def abort_abandoned_uploads(self, older_than: float = ABANDONED_UPLOAD_AGE) -> int:
+    async def abort_abandoned_uploads(self, older_than: float | None = None) -> int:
         """Aborts the incomplete multipart uploads under the prefix started more than
-        `older_than` seconds ago (a node that crashed mid-upload); how many went."""
+        `older_than` seconds ago (default: the store's abandoned_upload_age, 30 minutes):
+        a node that crashed mid-upload, not another node's upload under way; how many
+        went."""
+        if older_than is None:
+            older_than = self.config.abandoned_upload_age
         aborted = 0
         kwargs: dict[str, Any] = {"Prefix": self.prefix}
         now = time.time()

@@ -368,7 +368,8 @@ class Cdn(AppServer):
 
 # --------------------------------------------------------------------------------------
 class ThrottledRelay:
-    """A TCP relay (TLS passes through untouched) that limits the download rate.
+    """A TCP relay (TLS passes through untouched) that limits the download rate (and,
+    with `up_rate`, the upload rate: client -> server).
 
     Records, per connection, how many bytes went server -> client and when the last
     of them did, so a test can tell when an upstream transfer ended.
@@ -380,11 +381,15 @@ class ThrottledRelay:
         down: int = 0
         last_down: float = 0.0
         closed: float | None = None
+        up: int = 0
 
-    def __init__(self, aio: AioThread, target_port: int, rate: float) -> None:
+    def __init__(
+        self, aio: AioThread, target_port: int, rate: float, up_rate: float | None = None
+    ) -> None:
         self.aio = aio
         self.target_port = target_port
         self.rate = rate
+        self.up_rate = up_rate  # None: not limited
         self.port = free_port()
         self.conns: list[ThrottledRelay.Conn] = []
         self._server: asyncio.Server | None = None
@@ -413,8 +418,15 @@ class ThrottledRelay:
             return
 
         async def up() -> None:
+            ready_at = 0.0  # no credit saved up while the (pooled) connection was idle
             try:
                 while data := await creader.read(1 << 16):
+                    conn.up += len(data)
+                    if self.up_rate:
+                        ready_at = max(ready_at, time.monotonic()) + len(data) / self.up_rate
+                        delay = ready_at - time.monotonic()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
                     uwriter.write(data)
                     await uwriter.drain()
             except (OSError, asyncio.CancelledError):

@@ -137,3 +137,13 @@ def test_store_errors(tmp_path: Path, store: str, message: str) -> None:
 def test_shared_max_size_is_a_size(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="shared_max_size"):
         load(tmp_path, "shared_max_size: lots\n")
+
+
+def test_abandoned_upload_age(tmp_path: Path) -> None:
+    base = "store: {type: s3, endpoint: 'http://127.0.0.1:8333', bucket: rcb"
+    assert load(tmp_path, base + "}\n").store.abandoned_upload_age == 1800
+    assert load(tmp_path, base + ", abandoned_upload_age: 2h}\n").store.abandoned_upload_age == 7200
+    cfg = load(tmp_path, base + "}\n", {"REGISTRY_CACHE_STORE_ABANDONED_UPLOAD_AGE": "0"})
+    assert cfg.store.abandoned_upload_age == 0
+    with pytest.raises(ConfigError, match="abandoned_upload_age"):
+        load(tmp_path, base + ", abandoned_upload_age: soon}\n")
