@@ -689,6 +689,18 @@ def ports_named_in(globs: tuple[str, ...]) -> set[int]:
     return {int(g.rsplit(":", 1)[1]) for g in globs if re.search(r":\d+$", g)}
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What is wrong and where, without the text around it: PyYAML's own message quotes
+    the line, and a config file's lines hold passwords and the store's secret."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return type(error).__name__
+    where = error.problem_mark or error.context_mark
+    problem = " ".join(str(p) for p in (error.context, error.problem) if p)
+    if where is None:
+        return problem
+    return f"{problem} (line {where.line + 1}, column {where.column + 1})"
+
+
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
     """Reads the file (when given), applies the environment, validates everything."""
     environ = os.environ if environ is None else environ
@@ -702,7 +714,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+            raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

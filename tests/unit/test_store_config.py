@@ -147,3 +147,22 @@ def test_abandoned_upload_age(tmp_path: Path) -> None:
     assert cfg.store.abandoned_upload_age == 0
     with pytest.raises(ConfigError, match="abandoned_upload_age"):
         load(tmp_path, base + ", abandoned_upload_age: soon}\n")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # a tab where YAML wants spaces, on the secret's line
+        "store:\n  type: s3\n\tsecret_access_key: %s\n",
+        # an unclosed flow mapping that holds the secret
+        "store: {type: s3, secret_access_key: %s\nmax_size: 1g\n",
+        # a proxy user's password on a line that does not parse
+        "users:\n  - {name: a, password: %s: x}\n",
+    ],
+)
+def test_a_file_that_does_not_parse_is_located_not_quoted(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, text % SECRET)
+    assert SECRET not in str(e.value)
+    assert "is not valid YAML" in str(e.value) and "line " in str(e.value)
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # not in a traceback
