@@ -356,11 +356,13 @@ class BlobCache:
         writing: asyncio.Future[None] | None = None
         upstream: SourceAnswer | aiohttp.ClientResponse | None = None
         decoder: Decoder | None = None
-        from_source = False  # the bytes come from one of self.sources, not the registry
+        source: BlobSource | None = None  # the one of self.sources the bytes come from
+        from_source = False  # the bytes come from `source` still, not from the registry
         try:
             try:
-                upstream = await self._from_sources(fetch, origin, name)
-                if upstream is not None:
+                found = await self._from_sources(fetch, origin, name)
+                if found is not None:
+                    source, upstream = found
                     from_source = True
                 else:
                     upstream = await self.upstream.request(
@@ -474,9 +476,16 @@ class BlobCache:
             await _settled(writing)
             self._store_failed(fetch, writer, e.error)
         except DigestMismatch as e:
-            log.error("refusing blob %s from %s: %s", fetch.digest, origin.netloc, e)
-            fetch.fail(str(e))
-            self._upstream_failed(origin, fetch)
+            if source is not None:
+                # Its bytes, all or the first of them, were wrong: the clients' next try
+                # must not be given them again.
+                log.error("refusing blob %s from %s: %s", fetch.digest, source.name, e)
+                fetch.fail(f"{source.name} sent wrong bytes for {fetch.digest}; try again")
+                source.refute(fetch.digest)
+            else:
+                log.error("refusing blob %s from %s: %s", fetch.digest, origin.netloc, e)
+                fetch.fail(str(e))
+                self._upstream_failed(origin, fetch)
         except (_TooSlow, _TooLarge, ContentCodingError) as e:
             await _abandoned(writing, writer)
             message = f"{origin.netloc} sent blob {fetch.digest} {_refused_because(e, decoder)}"
@@ -507,7 +516,7 @@ class BlobCache:
 
     async def _from_sources(
         self, fetch: BlobFetch, origin: Origin, name: str
-    ) -> SourceAnswer | None:
+    ) -> tuple[BlobSource, SourceAnswer] | None:
         """The first of the cluster's sources (blob_sources.py) that has the blob, else
         None: then the registry is asked."""
         for source in self.sources:
@@ -520,7 +529,7 @@ class BlobCache:
                 continue
             if answer.status == 200:
                 fetch.from_source = source.name
-                return answer
+                return source, answer
             answer.release()
         return None
 

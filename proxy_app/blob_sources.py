@@ -6,7 +6,8 @@ now, or will, once for every node). Each is a BlobSource: asked in order by the 
 cache on a miss, it answers like an upstream registry would (a 200 whose body streams
 the blob) or with None when it does not have the blob or cannot be asked, and then the
 next source, and finally the registry, is tried. The bytes are checked against the
-digest whatever their source, so a source is trusted for nothing but speed.
+digest whatever their source, so a source is trusted for nothing but speed; one whose
+bytes do not match is told (refute), and is not asked for that blob again.
 
 The answer's shape is aiohttp's ClientResponse (a peer's answer is one), so the fetch
 code streams, verifies and stores a source's bytes exactly as a registry's.
@@ -37,4 +38,10 @@ class BlobSource(Protocol):
     async def open(self, digest: str, origin: Origin, repository: str) -> SourceAnswer | None:
         """A 200 answer streaming the blob, or None: not here, or this source is down
         (it logs why); raising is taken as None too."""
+        ...
+
+    def refute(self, digest: str) -> None:
+        """The bytes it gave for `digest` did not hash to it: it is not asked for that
+        blob again, or not for a while (it logs why). The fetch that read them fails,
+        and its clients' next try goes to the registry."""
         ...

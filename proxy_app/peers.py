@@ -169,6 +169,19 @@ class PeerSource:
         if self._session is not None:
             await self._session.close()
 
+    def refute(self, digest: str) -> None:
+        """The owner sent bytes that are not the blob's: a broken or hostile node. It is
+        not asked for anything for a while, so the clients' next try reaches the
+        registry, and the operator is told."""
+        node = self.cluster.owner(digest)
+        self._down[node] = time.monotonic() + DOWN_FOR
+        log.error(
+            "peer %s sent wrong bytes for %s: not asking it for %g s; check that node",
+            node,
+            digest,
+            DOWN_FOR,
+        )
+
     def down(self, node: str) -> bool:
         return self._down.get(node, 0.0) > time.monotonic()
 

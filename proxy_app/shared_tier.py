@@ -37,6 +37,7 @@ class BucketSource:
 
     def __init__(self, shared: SharedStore) -> None:
         self.shared = shared
+        self._deletes: set[asyncio.Task[None]] = set()
 
     async def open(self, digest: str, origin: Origin, repository: str) -> BucketObject | None:
         if not self.shared.available:
@@ -45,6 +46,21 @@ class BucketSource:
             return await self.shared.open(digest)
         except BucketUnavailable:
             return None
+
+    def refute(self, digest: str) -> None:
+        """An object that is not its digest's bytes (damaged in the store: every upload
+        was verified) goes, so that the next fetch of it goes to the registry and its
+        upload puts the right bytes in its place."""
+        log.error("the shared store's %s is damaged: deleting it", self.shared.key(digest))
+        task = asyncio.get_running_loop().create_task(self._delete(digest))
+        self._deletes.add(task)
+        task.add_done_callback(self._deletes.discard)
+
+    async def _delete(self, digest: str) -> None:
+        try:
+            await self.shared.delete(digest)
+        except BucketUnavailable as e:
+            log.error("cannot delete the damaged %s: %s", self.shared.key(digest), e)
 
 
 class SharedTier:

@@ -5,7 +5,9 @@ stored meanwhile reaches the bucket once it is back."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import urllib.request
 from pathlib import Path
@@ -170,3 +172,32 @@ def test_tag_answer_from_the_bucket_while_upstream_is_down(
     wait_until(lambda: b.results_for("outage/cached/manifests/latest"), timeout=10)
     assert "STALE" in b.results_for("outage/cached/manifests/latest")
     assert_secret_kept(seaweed, a, b)
+
+
+def test_a_damaged_object_in_the_bucket_is_not_served_and_goes(
+    registry: Registry, proxy_factory, seaweed: Seaweed, bucket: str, tmp_path
+):
+    """The bucket holds other bytes under a blob's name (damaged there; uploads are all
+    verified): the node's fetch from it fails instead of finishing them, the object is
+    deleted, the next try gets the registry's bytes, and the node's upload puts the
+    right ones in its place."""
+    repo = "cluster/damaged"
+    data = os.urandom(3 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    registry.upload_blob(repo, data, digest)
+    key = f"cluster/blobs/sha256/{digest[7:]}"
+    damaged = data[:-1] + bytes([data[-1] ^ 1])
+    seaweed.client().put_object(Bucket=bucket, Key=key, Body=damaged)
+    a = node(proxy_factory, seaweed, bucket, tmp_path / "none", tmp_path, "a")
+
+    first = a.get(registry.netloc, f"/v2/{repo}/blobs/{digest}")
+    assert first.status != 200 or not first.complete, (first.status, first.sha256)
+    assert registry.blob_requests(digest) == []
+    assert a.log_lines("is damaged: deleting it"), a.output()[-3000:]
+    assert wait_until(lambda: key not in seaweed.keys(bucket, key), timeout=10)
+
+    again = a.get(registry.netloc, f"/v2/{repo}/blobs/{digest}")
+    assert again.status == 200 and again.sha256 == digest, again.text()[:300]
+    assert len(registry.blob_requests(digest)) == 1
+    assert wait_until(lambda: key in seaweed.keys(bucket, key), timeout=30)
+    assert seaweed.get(bucket, key) == data

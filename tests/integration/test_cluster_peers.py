@@ -25,7 +25,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from support.client import afetch
-from support.durability import kill9
+from support.durability import blob_path, kill9
 from support.images import pulled_blobs
 from support.proxy import Proxy
 from support.registry import Registry, wait_until
@@ -280,3 +280,35 @@ def test_a_registry_outside_intercept_is_refused_to_peers(registry: Registry, pr
         path = f"/_peer/v2/pub/x/blobs/{digest}?registry={registry_name}"
         status, body = peer_get(node, path, peer_auth.sign(key, "GET", path))
         assert status == 403 and b"intercept" in body, (registry_name, status, body[:200])
+
+
+def test_a_peer_that_sends_wrong_bytes_is_not_asked_again(registry: Registry, proxy_factory):
+    """The owner's stored copy is damaged (same size, other bytes: a bad disk): the
+    asking node's fetch fails instead of storing or finishing them, the owner is not
+    asked again for a while, and the client's next try gets the registry's bytes."""
+    nodes = make_cluster(proxy_factory, n=2)
+    repo = "pub/cluster-lying-peer"
+    while True:
+        data = os.urandom(1 << 20)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if owner_of(nodes, digest) is nodes[0]:
+            break
+    registry.upload_blob(repo, data, digest)
+    holder, asker = nodes
+    r = holder.get(registry.netloc, f"/v2/{repo}/blobs/{digest}")
+    assert r.status == 200 and r.sha256 == digest
+    path = blob_path(holder.cache_dir, digest)
+    path.write_bytes(bytes(b ^ 0xFF for b in path.read_bytes()[:4096]) + data[4096:])
+
+    first = asker.get(registry.netloc, f"/v2/{repo}/blobs/{digest}")
+    # Cut short (or refused): never the damaged bytes as a whole answer.
+    assert first.status != 200 or not first.complete, (first.status, first.sha256)
+    assert not blob_path(asker.cache_dir, digest).exists()
+    assert asker.log_lines("sent wrong bytes"), asker.output()[-3000:]
+    assert len(registry.blob_requests(digest)) == 1  # the holder's only
+
+    again = asker.get(registry.netloc, f"/v2/{repo}/blobs/{digest}")
+    assert again.status == 200 and again.sha256 == digest, again.text()[:300]
+    assert len(registry.blob_requests(digest)) == 2  # from the registry, not the owner
+    stored = blob_path(asker.cache_dir, digest)
+    assert "sha256:" + hashlib.sha256(stored.read_bytes()).hexdigest() == digest
