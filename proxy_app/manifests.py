@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import sqlite3
 import time
@@ -30,7 +31,7 @@ from .keyed_locks import KeyedLocks, TurnTimeout
 from .links import RepositoryLinks, refusal
 from .media_types import DOCKER_MANIFEST, INDEX_TYPES, SCHEMA1_TYPES, STORED_MANIFEST_TYPES
 from .responses import API_VERSION, CACHE_HEADER, error_response, read_body, relay
-from .routes import Route
+from .routes import SHA256, Route
 from .shared_store import BucketUnavailable, SharedStore
 from .tag_policy import TagPolicy
 from .upstream import UPSTREAM_ERRORS, Origin, describe
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 # distribution refuses manifests over 4 MiB; anything larger is not a manifest.
 MAX_MANIFEST_SIZE = 4 << 20
+# An index's manifests taken from the bucket with it (one per platform; real ones list
+# a few dozen at most).
+MAX_SHARED_CHILDREN = 64
 DEFAULT_MEDIA_TYPE = DOCKER_MANIFEST  # what a registry means when it names none
 
 
@@ -535,9 +539,41 @@ class ManifestCache:
         if await self._keep(origin, route.name, entry.digest, body, entry.media_type, ex):
             # Stored with the other node's check time: stale_if_error counts from there.
             self.index.set_tag(*key, entry.digest, entry.media_type, entry.checked_at)
+            if entry.media_type in INDEX_TYPES:
+                await self._keep_shared_children(origin, route.name, body, ex)
         response = self._stale(request, origin, entry, body, cause, ex)
         ex.note += " (tag answer from the shared store)"
         return response
+
+    async def _keep_shared_children(
+        self, origin: Origin, name: str, index: bytes, ex: Exchange
+    ) -> None:
+        """The manifests an index from the bucket names, from the bucket too, linked in
+        this repository: its clients ask for one by digest next, and upstream is down.
+        Only what this repository's own tag answer names is linked, so no other
+        repository's manifest becomes readable here."""
+        assert self.shared is not None
+        try:
+            document = json.loads(index)
+        except ValueError:
+            return
+        entries = document.get("manifests") if isinstance(document, dict) else None
+        for child in (entries if isinstance(entries, list) else [])[:MAX_SHARED_CHILDREN]:
+            if not isinstance(child, dict):
+                continue
+            digest, media_type = child.get("digest"), child.get("mediaType")
+            if not (isinstance(digest, str) and SHA256.fullmatch(digest)):
+                continue
+            if media_type not in STORED_MANIFEST_TYPES:
+                continue
+            try:
+                body = self._cached_body(digest) or await self.shared.read_small(
+                    digest, MAX_MANIFEST_SIZE
+                )
+            except BucketUnavailable:
+                return
+            if body is not None:
+                await self._keep(origin, name, digest, body, str(media_type), ex)
 
     async def shared_knows_host(self, host: str) -> bool:
         """Whether the cluster's bucket holds tag answers of a registry (any node's)."""

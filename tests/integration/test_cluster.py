@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.durability import make_multiplatform_image, push_all
 from support.images import layout_blobs, pull
 from support.proxy import Proxy
 from support.registry import Registry, wait_until
@@ -201,3 +202,33 @@ def test_a_damaged_object_in_the_bucket_is_not_served_and_goes(
     assert len(registry.blob_requests(digest)) == 1
     assert wait_until(lambda: key in seaweed.keys(bucket, key), timeout=30)
     assert seaweed.get(bucket, key) == data
+
+
+def test_a_multi_platform_tag_from_the_bucket_while_upstream_is_down(
+    make_registry, proxy_factory, seaweed: Seaweed, bucket: str, pki, tmp_path: Path
+):
+    """A fresh node answers a tag that names an image index from the bucket (STALE),
+    and the platform manifest its client asks for next by digest too (taken from the
+    bucket with the index, for this repository only), then the blobs."""
+    registry = make_registry()
+    image = make_multiplatform_image(
+        tmp_path / "multi", {"linux/amd64": [200_000, 3000], "linux/arm64": [100_000]}
+    )
+    ref = f"{registry.netloc}/outage/multi:latest"
+    push_all(image.layout, ref, pki.cert_dir)
+    amd64 = image.platforms["linux/amd64"]
+    a = node(proxy_factory, seaweed, bucket, tmp_path / "none", tmp_path, "a")
+    assert pull(a, ref, tmp_path / "one").returncode == 0
+    wanted = {image.index_digest, amd64.manifest_digest, *amd64.blob_digests}
+    assert wait_until(lambda: wanted <= blob_keys(seaweed, bucket), timeout=30)
+
+    b = node(proxy_factory, seaweed, bucket, Path(a.ca_path).parent, tmp_path, "b")
+    registry.stop()
+    res = pull(b, ref, tmp_path / "two")
+    assert res.returncode == 0, res.stderr
+    assert set(amd64.blob_digests) <= layout_blobs(tmp_path / "two")
+    assert wait_until(lambda: b.results_for(amd64.manifest_digest), timeout=10)
+    assert b.results_for(amd64.manifest_digest) == ["HIT"]
+    # Another repository of the same registry does not get the manifest by digest.
+    other = b.get(registry.netloc, f"/v2/outage/other/manifests/{amd64.manifest_digest}")
+    assert other.status != 200, other.status
