@@ -445,6 +445,7 @@ class BlobCache:
                     # A source (a peer that died, a bucket) broke off: the registry sends
                     # the rest, after the bytes written so far; the digest checks them all.
                     from_source = False
+                    fetch.from_source = None  # this node fetched it after all: it uploads it
                     await _written(writing)
                     writing = None
                     fetch.progressed()
@@ -604,7 +605,7 @@ class BlobCache:
         self.inflight.release(fetch)
         fetch.finish()
         try:
-            self.maintenance.stored(fetch.digest, size)
+            self.maintenance.stored(fetch.digest, size, fetched_here=fetch.from_source is None)
         except STORE_ERRORS as e:
             # Stored and indexed; only the eviction after it failed, and the next stored
             # blob or the housekeeping tries again.

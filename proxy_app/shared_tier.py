@@ -122,9 +122,12 @@ class SharedTier:
 
     # --- uploads ------------------------------------------------------------------------
 
-    def stored(self, digest: str) -> None:
-        """A blob is committed to the local store: to the bucket, behind the clients."""
-        if digest not in self._queued:
+    def stored(self, digest: str, fetched_here: bool = True) -> None:
+        """A blob is committed to the local store: to the bucket, behind the clients, when
+        this node downloaded it from the registry. One that came from the bucket is there;
+        one from its owner is uploaded by the owner: a second upload of the same bytes
+        would only take the CPU and bandwidth that the nodes' clients are using."""
+        if fetched_here and digest not in self._queued:
             self._queued.add(digest)
             self._queue.put_nowait(digest)
 

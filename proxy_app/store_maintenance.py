@@ -64,8 +64,9 @@ class StoreMaintenance:
         self.size = 0
         self._pins: Counter[str] = Counter()
         self._store_failing = False
-        # Told of each blob committed to the store (the shared tier uploads it).
-        self.listeners: list[Callable[[str], None]] = []
+        # Told of each blob committed to the store, and whether this node downloaded it
+        # from its registry (the shared tier uploads those).
+        self.listeners: list[Callable[[str, bool], None]] = []
         self.graph = ImageGraph(store, index)
 
     # --- start-up -----------------------------------------------------------------------
@@ -168,15 +169,16 @@ class StoreMaintenance:
 
     # --- the size bound -----------------------------------------------------------------
 
-    def stored(self, digest: str, size: int) -> None:
+    def stored(self, digest: str, size: int, fetched_here: bool = True) -> None:
         self.size += size
-        self.announce(digest)
+        self.announce(digest, fetched_here)
         self.make_room(0)
 
-    def announce(self, digest: str) -> None:
-        """Tells the listeners a blob (or manifest) was committed to the store."""
+    def announce(self, digest: str, fetched_here: bool = True) -> None:
+        """Tells the listeners a blob (or manifest) was committed to the store; not
+        `fetched_here` when a cluster source (the bucket, the owner peer) gave it."""
         for listener in self.listeners:
-            listener(digest)
+            listener(digest, fetched_here)
 
     def _candidates(self, inflight: InflightFetches | None, batch: int) -> Iterator[BlobEntry]:
         """Blobs least recently used first, less those being read or fetched and those of

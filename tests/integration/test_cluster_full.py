@@ -225,12 +225,12 @@ def test_owner_killed_mid_fetch_with_a_bucket(
     seaweed: Seaweed,
     bucket: str,
 ):
-    size = 100 * 1000 * 1000  # 5 s through the relay at 20 MB/s
+    size = 200 * 1000 * 1000  # the 200 MB: 5 s through the relay at 40 MB/s
     repo = "pub/cluster-full-kill"
     big, digest = random_blob(size)
     registry.upload_blob(repo, big, digest)
     del big
-    relay = ThrottledRelay(aio, registry.port, rate=20e6).start()
+    relay = ThrottledRelay(aio, registry.port, rate=40e6).start()
     upstream_ports.add(relay.port)
     # The killed node's bucket traffic goes through a relay that slows its uploads, so
     # that it is killed in the middle of a multipart upload too (another blob's).
