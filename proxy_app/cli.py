@@ -60,10 +60,12 @@ def _load(args: argparse.Namespace) -> Config:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import serve
     from .connections import raise_descriptor_limit
+    from .heap import map_large_buffers
 
     config = _load(args)
     setup_logging(config)
     raise_descriptor_limit()  # before the listener sizes max_connections from it
+    map_large_buffers()
     try:
         _run_event_loop(serve(config))
     except (OSError, CAError) as e:
