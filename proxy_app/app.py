@@ -147,6 +147,7 @@ class RegistryCacheApp:
             self.config.shared_trim_interval,
         )
         tier.upload_floor = trimmer.upload_floor
+        tier.downloads_idle = self.registry.inflight.idle
         await tier.start()
         self.shared_tier = tier
         trimmer.start()

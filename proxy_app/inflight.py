@@ -150,6 +150,8 @@ class InflightFetches:
     def __init__(self, on_change: Callable[[int], None] | None = None) -> None:
         self._fetches: dict[tuple[str, str], BlobFetch] = {}
         self._on_change = on_change
+        self.idle = asyncio.Event()  # set while no fetch is under way
+        self.idle.set()
 
     def get(self, digest: str, origin: str) -> BlobFetch | None:
         """The fetch of `digest` from registry `origin` (an Origin.key)."""
@@ -192,5 +194,9 @@ class InflightFetches:
         return sorted((f.progress() for f in self._fetches.values()), key=lambda p: p["began"])
 
     def _changed(self) -> None:
+        if self._fetches:
+            self.idle.clear()
+        else:
+            self.idle.set()
         if self._on_change:
             self._on_change(len(self._fetches))

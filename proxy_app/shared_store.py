@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -217,10 +217,18 @@ class SharedStore:
             return None
         return BucketObject(answer["Body"].raw_stream, answer.get("ContentLength"))
 
-    async def upload(self, digest: str, path: Path) -> bool:
+    async def upload(
+        self,
+        digest: str,
+        path: Path,
+        before_part: Callable[[], Awaitable[None]] | None = None,
+    ) -> bool:
         """Puts a committed local blob into the bucket: False when it is there already.
         Its bytes are hashed as they are sent; UploadMismatch (and nothing stored) when
-        they are not the digest's. Multipart for large blobs, aborted on any error."""
+        they are not the digest's. Multipart for large blobs, aborted on any error.
+        `before_part` is awaited before each part is read (the caller's pace)."""
+        if before_part is not None:
+            await before_part()
         if await self.size(digest) is not None:
             return False
         loop = asyncio.get_running_loop()
@@ -242,6 +250,8 @@ class SharedStore:
             parts = []
             with await loop.run_in_executor(self.executor, path.open, "rb") as f:
                 for number in range(1, (size + PART_SIZE - 1) // PART_SIZE + 1):
+                    if before_part is not None and number > 1:
+                        await before_part()
                     body = await loop.run_in_executor(self.executor, _read_part, f, hasher)
                     if not body:
                         raise UploadMismatch(f"{path} ended early")

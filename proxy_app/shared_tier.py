@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from .blobs import FilesystemBlobStore
@@ -26,6 +28,12 @@ from .upstream import Origin
 log = logging.getLogger(__name__)
 
 UPLOADS_AT_ONCE = 2  # background uploads; the node's bandwidth is its clients' first
+# An upload waits while the node downloads (its clients' pulls are under way), at most this
+# many seconds after the blob was stored: on a busy node it must not wait for ever.
+UPLOAD_DEFER_MAX = 30.0
+# ... and goes on once no download has run for this long: a client fetching layers one
+# after another leaves gaps between them that are no end of its pull.
+QUIET_FOR = 1.0
 WATCH_INTERVAL = 2.0  # seconds between looks at a bucket that is down
 
 
@@ -76,13 +84,15 @@ class SharedTier:
         self.index = index
         self.remove_local = remove_local  # a local blob found corrupt goes (purge)
         self.source = BucketSource(shared)
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
         self._queued: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._back = asyncio.Event()  # set while the bucket answers
         self.uploaded = 0
         # The last read below which the trimmer deleted blobs (shared_trim.py), if any.
         self.upload_floor: Callable[[], Awaitable[float | None]] | None = None
+        # Set while the node downloads no blob (InflightFetches.idle); the app gives it.
+        self.downloads_idle: asyncio.Event | None = None
 
     # --- life ---------------------------------------------------------------------------
 
@@ -129,7 +139,7 @@ class SharedTier:
         would only take the CPU and bandwidth that the nodes' clients are using."""
         if fetched_here and digest not in self._queued:
             self._queued.add(digest)
-            self._queue.put_nowait(digest)
+            self._queue.put_nowait((digest, time.monotonic()))
 
     async def rescan(self) -> int:
         """Queues every local blob the bucket lacks; how many. Not those unread here since
@@ -151,10 +161,12 @@ class SharedTier:
 
     async def _upload_worker(self) -> None:
         while True:
-            digest = await self._queue.get()
+            digest, stored_at = await self._queue.get()
             await self._back.wait()
+            until = stored_at + UPLOAD_DEFER_MAX
             try:
-                if await self.shared.upload(digest, self.store.path(digest)):
+                quiet = functools.partial(self._quiet, until)
+                if await self.shared.upload(digest, self.store.path(digest), before_part=quiet):
                     self.uploaded += 1
                     log.debug("uploaded %s to the shared store", digest)
             except FileNotFoundError:
@@ -171,6 +183,23 @@ class SharedTier:
                 log.exception("uploading %s to the shared store failed", digest)
             finally:
                 self._queued.discard(digest)
+
+    async def _quiet(self, until: float) -> None:
+        """Waits while the node downloads (and QUIET_FOR after), until `until` at the
+        latest; asked before each part of an upload. A pull's blobs come in together:
+        their uploads, which cost as much CPU as the downloads on a small host, run once
+        the pull's downloads are done, not between them."""
+        idle = self.downloads_idle
+        if idle is None:
+            return
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(loop.time() + max(0.0, until - time.monotonic())):
+                while True:
+                    await idle.wait()
+                    await asyncio.sleep(QUIET_FOR)
+                    if idle.is_set():
+                        return
 
     async def _watch(self) -> None:
         """Rescans at start, and whenever the bucket comes back after being down."""
