@@ -339,3 +339,62 @@ def test_owner_killed_mid_fetch_with_a_bucket(
     finally:
         relay.stop()
         s3_relay.stop()
+
+
+def test_uploads_wait_while_the_node_downloads(
+    registry: Registry,
+    aio: AioThread,
+    upstream_ports: set[int],
+    proxy_factory,
+    seaweed: Seaweed,
+    bucket: str,
+):
+    """A blob stored while another download runs reaches the bucket after it, not during
+    it: on a small host the upload would take the CPU the download's clients need."""
+    repo = "pub/cluster-quiet"
+    first, first_digest = random_blob(1 << 20)
+    slow, slow_digest = random_blob(12 * 1000 * 1000)
+    registry.upload_blob(repo, first, first_digest)
+    registry.upload_blob(repo, slow, slow_digest)
+    relay = ThrottledRelay(aio, registry.port, rate=2e6).start()  # the slow one: ~6 s
+    upstream_ports.add(relay.port)
+    try:
+        node = proxy_factory(store=s3_store(seaweed, bucket))
+
+        async def run() -> tuple[Any, bool]:
+            slow_get = asyncio.ensure_future(
+                afetch(
+                    node.port,
+                    str(node.ca_path),
+                    "slow.rc.test",
+                    relay.port,
+                    "GET",
+                    f"/v2/{repo}/blobs/{slow_digest}",
+                    timeout=120,
+                    keep_body=False,
+                )
+            )
+            while not relay.conns or relay.conns[-1].down < 1_000_000:
+                await asyncio.sleep(0.05)
+            # The slow download runs: the first blob is stored now, its upload queued.
+            r = await afetch(
+                node.port,
+                str(node.ca_path),
+                "slow.rc.test",
+                registry.port,
+                "GET",
+                f"/v2/{repo}/blobs/{first_digest}",
+                timeout=60,
+            )
+            assert r.status == 200 and r.sha256 == first_digest
+            await asyncio.sleep(3)
+            during = first_digest in bucket_blobs(seaweed, bucket)
+            return await slow_get, during
+
+        done, during = asyncio.run(run())
+        assert done.status == 200 and done.sha256 == slow_digest
+        assert not during, "uploaded while the node was downloading"
+        assert wait_until(lambda: first_digest in bucket_blobs(seaweed, bucket), timeout=20)
+        assert wait_until(lambda: slow_digest in bucket_blobs(seaweed, bucket), timeout=30)
+    finally:
+        relay.stop()
