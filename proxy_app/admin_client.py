@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from .config import Config
+from .config import Config, human_size
 from .image_ref import ImageRefInvalid, parse_image_ref
 
 TIMEOUT = 120.0  # a purge of a large image removes many files
@@ -102,14 +102,6 @@ def check_config_readable(path: Path) -> bool:
 # --- output ---------------------------------------------------------------------------
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
 def _when(at: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(at)) if at else "-"
 
@@ -126,7 +118,7 @@ def images_table(images: list[dict[str, Any]]) -> str:
     header = ["REGISTRY", "REPOSITORY", "TAGS", "DIGEST", "SIZE", "LAST PULLED", "PULLS"]
     rows = [[*header, "RULE", "PINNED"]]
     for image in images:
-        size = human(image["size"])
+        size = human_size(image["size"])
         if image["missing_blobs"]:
             size += f" (+{image['missing_blobs']} not cached)"
         rows.append(
@@ -183,7 +175,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         kept = answer["kept_shared"]
         print(
             f"purged {answer['ref']}: {answer['tags_removed']} tag answers, "
-            f"{len(answer['blobs_removed'])} blobs ({human(answer['bytes_freed'])}) removed"
+            f"{len(answer['blobs_removed'])} blobs ({human_size(answer['bytes_freed'])}) removed"
             + (f"; {len(kept)} blobs kept, other cached images use them" if kept else "")
         )
     else:

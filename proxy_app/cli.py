@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__
 from .ca import CAError
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, human_size, load_config
 from .index import Index
 from .store_maintenance import StoreMaintenance
 
@@ -85,14 +85,6 @@ def _run_event_loop(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
 def _open_store(config: Config) -> tuple[Index, StoreMaintenance]:
     from .blobs import FilesystemBlobStore
     from .metrics import Metrics
@@ -135,7 +127,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     age = f"{(time.time() - oldest) / 86400:.1f} days ago" if oldest else "-"
     ratio = f"{report['hit_ratio']:.1%}" if report["hit_ratio"] is not None else "-"
     print(f"cache dir     {config.cache_dir}")
-    print(f"size          {_human(maintenance.size)} of {_human(config.max_size)}")
+    print(f"size          {human_size(maintenance.size)} of {human_size(config.max_size)}")
     print(f"entries       {report['entries']}")
     print(f"hit ratio     {ratio} ({hits} hits, {stale} stale, {misses} misses)")
     print(f"oldest entry  last used {age}")
@@ -175,12 +167,12 @@ def _cluster_lines(view: dict[str, Any]) -> list[str]:
         elif lease.get("bucket_bytes") is not None:
             age = now - float(lease.get("trimmed_at") or now)
             lines.append(
-                f"  size        {_human(lease['bucket_bytes'])} of {_human(bound)} "
+                f"  size        {human_size(lease['bucket_bytes'])} of {human_size(bound)} "
                 f"(shared_max_size), {lease.get('bucket_blobs')} blobs, at the last trim "
                 f"{age:.0f} s ago"
             )
         else:
-            lines.append(f"  size        not known yet (no trim seen); bound {_human(bound)}")
+            lines.append(f"  size        not known yet (no trim seen); bound {human_size(bound)}")
         if bound is not None:
             holder = lease.get("holder")
             if holder is None:
@@ -214,7 +206,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     index.close()
     print(
         f"removed {before[1] - after[1]} blobs ({expired} unused for longer than inactive), "
-        f"freed {_human(before[0] - after[0])}; {_human(after[0])} in {after[1]} blobs remain"
+        f"freed {human_size(before[0] - after[0])}; "
+        f"{human_size(after[0])} in {after[1]} blobs remain"
     )
     return 0
 
@@ -243,7 +236,8 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
         return 1
     for r in reports:
         results = ", ".join(f"{k} {v}" for k, v in sorted(r.results.items()))
-        print(f"{r.image}: {r.manifests} manifests, {r.blobs} blobs, {_human(r.bytes)} ({results})")
+        size = human_size(r.bytes)
+        print(f"{r.image}: {r.manifests} manifests, {r.blobs} blobs, {size} ({results})")
     return 0
 
 

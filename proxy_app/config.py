@@ -167,6 +167,15 @@ class Config:
 # --- value parsers: each takes the raw value (YAML or environment string) ---------------
 
 
+def human_size(n: float) -> str:
+    """A byte count as the commands print it: 512 B, 1.5 MiB, 2.0 TiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
 def parse_size(value: Any) -> int:
     """`32g`, `500m`, `1.5t`, `4096`: binary units (k = 1024)."""
     if isinstance(value, bool):

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from support.client import Response, basic, fetch
+from support.client import IMAGE_MANIFEST_ACCEPT, basic, get_tag
 from support.durability import blob_path, stored_blobs
 from support.images import Image, pulled_blobs
 from support.proxy import REPO_ROOT, Proxy
@@ -31,10 +31,6 @@ from proxy_app.proxy_auth import hash_password
 pytestmark = pytest.mark.integration
 
 CLI = str(REPO_ROOT / ".venv" / "bin" / "registry-cache")
-ACCEPT = {
-    "Accept": "application/vnd.oci.image.manifest.v1+json, "
-    "application/vnd.docker.distribution.manifest.v2+json"
-}
 PERMISSION = "permission denied: run as root or the registry-cache user"
 NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 
@@ -264,18 +260,6 @@ def test_config_pins_are_applied_at_start(
     assert admin_json(proxy, "pin")["pins"] == []
 
 
-def get_tag(proxy: Proxy, reg: Registry, repo: str, tag: str) -> Response:
-    return fetch(
-        proxy.port,
-        str(proxy.ca_path),
-        reg.hostname,
-        reg.port,
-        "GET",
-        f"/v2/{repo}/manifests/{tag}",
-        ACCEPT,
-    )
-
-
 def test_refresh_picks_up_a_moved_tag_inside_tag_ttl(
     registry: Registry, image_factory, proxy_factory
 ):
@@ -382,7 +366,7 @@ def test_http_admin_api_needs_an_admin_user(
         ]
     )
     repo = ref.split("/", 1)[1].split(":")[0]
-    got = proxy.get(registry.netloc, f"/v2/{repo}/manifests/1", ACCEPT, user=dev)
+    got = proxy.get(registry.netloc, f"/v2/{repo}/manifests/1", IMAGE_MANIFEST_ACCEPT, user=dev)
     assert got.status == 200 and got.sha256 == img.manifest_digest
     before = stored_blobs(proxy.cache_dir)
 

@@ -5,27 +5,14 @@ whatever `tag_ttl` says."""
 from __future__ import annotations
 
 import pytest
-from support.client import fetch
+from support.client import get_tag
 from support.registry import Registry
 
 pytestmark = pytest.mark.integration
 
-ACCEPT = {
-    "Accept": "application/vnd.oci.image.manifest.v1+json, "
-    "application/vnd.docker.distribution.manifest.v2+json"
-}
-
 
 def pull_tag(proxy, reg: Registry, repo: str, tag: str) -> tuple[str, str]:
-    res = fetch(
-        proxy.port,
-        str(proxy.ca_path),
-        reg.hostname,
-        reg.port,
-        "GET",
-        f"/v2/{repo}/manifests/{tag}",
-        ACCEPT,
-    )
+    res = get_tag(proxy, reg, repo, tag)
     assert res.status == 200, res.text()
     return res.cache, res.headers.get("docker-content-digest", "")
 

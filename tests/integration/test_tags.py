@@ -5,27 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from support.client import Response, fetch
-from support.registry import Registry
+from support.client import get_tag
 
 pytestmark = pytest.mark.integration
-
-ACCEPT = {
-    "Accept": "application/vnd.oci.image.manifest.v1+json, "
-    "application/vnd.docker.distribution.manifest.v2+json"
-}
-
-
-def get_tag(proxy, reg: Registry, repo: str, tag: str, method: str = "GET") -> Response:
-    return fetch(
-        proxy.port,
-        str(proxy.ca_path),
-        reg.hostname,
-        reg.port,
-        method,
-        f"/v2/{repo}/manifests/{tag}",
-        ACCEPT,
-    )
 
 
 def test_moved_tag_seen_after_ttl_and_stale_when_upstream_down(

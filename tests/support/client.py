@@ -13,6 +13,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def basic(user: str, password: str) -> str:
@@ -233,6 +234,27 @@ def fetch(
             timeout,
             proxy_headers=proxy_headers,
         )
+    )
+
+
+# What a client that takes image manifests (and no index) sends with a tag request.
+IMAGE_MANIFEST_ACCEPT = {
+    "Accept": "application/vnd.oci.image.manifest.v1+json, "
+    "application/vnd.docker.distribution.manifest.v2+json"
+}
+
+
+def get_tag(proxy: Any, reg: Any, repo: str, tag: str, method: str = "GET") -> Response:
+    """A tag's manifest from registry `reg` through `proxy` (a Proxy and a Registry of
+    the support modules), as an image-manifest client asks for it."""
+    return fetch(
+        proxy.port,
+        str(proxy.ca_path),
+        reg.hostname,
+        reg.port,
+        method,
+        f"/v2/{repo}/manifests/{tag}",
+        IMAGE_MANIFEST_ACCEPT,
     )
 
 

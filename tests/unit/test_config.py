@@ -154,3 +154,14 @@ def test_admin_socket_and_pinned(tmp_path: Path) -> None:
     assert cfg.admin_socket_path == Path("/run/rc/admin.sock")
     with pytest.raises(ConfigError, match=r"'pinned'.*'\.\.'"):
         load_config(write(tmp_path, "pinned: ['reg.rc.test/../../etc/passwd']\n"), environ={})
+
+
+def test_human_size_prints_what_parse_size_reads() -> None:
+    from proxy_app.config import human_size, parse_size
+
+    assert human_size(512) == "512 B"
+    assert human_size(1536) == "1.5 KiB"
+    assert human_size(3 << 30) == "3.0 GiB"
+    assert human_size(5 << 40) == "5.0 TiB"
+    assert human_size(2048 << 40) == "2048.0 TiB"
+    assert parse_size(human_size(3 << 30).replace(" ", "").replace("iB", "")) == 3 << 30
