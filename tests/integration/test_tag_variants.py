@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from support.client import Response, fetch
+from support.client import Response, get_tag
 from support.durability import cli, make_multiplatform_image
 from support.images import skopeo
 from support.registry import Registry
@@ -56,20 +56,6 @@ def direct(reg: Registry, repo: str, tag: str, accept: str) -> tuple[str, str, b
     return headers["Docker-Content-Digest"], headers["Content-Type"].split(";")[0], body
 
 
-def via_proxy(
-    proxy, reg: Registry, repo: str, tag: str, accept: str, method: str = "GET"
-) -> Response:
-    return fetch(
-        proxy.port,
-        str(proxy.ca_path),
-        reg.hostname,
-        reg.port,
-        method,
-        f"/v2/{repo}/manifests/{tag}",
-        {"Accept": accept},
-    )
-
-
 def answered(r: Response) -> tuple[str | None, str]:
     return r.headers.get("docker-content-digest"), r.headers.get("content-type", "").split(";")[0]
 
@@ -104,31 +90,31 @@ def test_old_clients_amd64_answer_never_given_to_a_multi_arch_client(
     )
     proxy = proxy_factory(tag_ttl="5m", stale_if_error="1h")
 
-    old = via_proxy(proxy, reg, repo, "latest", OLD)
+    old = get_tag(proxy, reg, repo, "latest", accept=OLD)
     assert old.status == 200, old.text()
     assert answered(old) == (amd64_digest, V2) and old.cache == "MISS"
 
     for accept in (MODERN, DOCKER_20):
-        head = via_proxy(proxy, reg, repo, "latest", accept, "HEAD")
+        head = get_tag(proxy, reg, repo, "latest", "HEAD", accept)
         assert head.status == 200, head.text()
         assert answered(head) == (list_digest, LIST), (accept, head.cache)
-        got = via_proxy(proxy, reg, repo, "latest", accept)
+        got = get_tag(proxy, reg, repo, "latest", accept=accept)
         assert got.status == 200, got.text()
         assert answered(got) == (list_digest, LIST), (accept, got.cache)
         assert got.sha256 == list_digest
 
     # each cached answer now a HIT for its own kind of client
     for accept, want in ((OLD, (amd64_digest, V2)), (MODERN, (list_digest, LIST))):
-        again = via_proxy(proxy, reg, repo, "latest", accept)
+        again = get_tag(proxy, reg, repo, "latest", accept=accept)
         assert answered(again) == want and again.cache == "HIT", (accept, again.cache)
 
     # upstream down: the old client's answer is not served STALE to a multi-arch client
-    cached = via_proxy(proxy, reg, repo, "down", OLD)
+    cached = get_tag(proxy, reg, repo, "down", accept=OLD)
     assert answered(cached) == (amd64_digest, V2)
     reg.stop()
-    refused = via_proxy(proxy, reg, repo, "down", MODERN)
+    refused = get_tag(proxy, reg, repo, "down", accept=MODERN)
     assert refused.status in (502, 503, 504), (refused.status, answered(refused), refused.cache)
-    assert via_proxy(proxy, reg, repo, "down", V2_ONLY).cache in ("HIT", "STALE")
+    assert get_tag(proxy, reg, repo, "down", accept=V2_ONLY).cache in ("HIT", "STALE")
 
 
 def test_answers_reused_where_the_registry_gives_the_same(
@@ -138,19 +124,19 @@ def test_answers_reused_where_the_registry_gives_the_same(
     reg, list_digest, amd64_digest = multi_arch_upstream(make_registry, pki, tmp_path, repo, "1.0")
     proxy = proxy_factory(tag_ttl="5m")
 
-    first = via_proxy(proxy, reg, repo, "1.0", MODERN)
+    first = get_tag(proxy, reg, repo, "1.0", accept=MODERN)
     assert answered(first) == (list_digest, LIST) and first.cache == "MISS"
     # the list, stored as it is upstream, is every list-accepting client's answer
-    other = via_proxy(proxy, reg, repo, "1.0", DOCKER_20)
+    other = get_tag(proxy, reg, repo, "1.0", accept=DOCKER_20)
     assert answered(other) == (list_digest, LIST) and other.cache == "HIT"
     # ... but not an old client's: it gets what upstream gives it
-    old = via_proxy(proxy, reg, repo, "1.0", OLD)
+    old = get_tag(proxy, reg, repo, "1.0", accept=OLD)
     assert answered(old) == (amd64_digest, V2) and old.cache == "MISS"
     assert old.sha256 == amd64_digest
     # and that amd64 image is the answer of another client accepting no list
-    v2 = via_proxy(proxy, reg, repo, "1.0", V2_ONLY)
+    v2 = get_tag(proxy, reg, repo, "1.0", accept=V2_ONLY)
     assert answered(v2) == (amd64_digest, V2) and v2.cache == "HIT"
-    assert answered(via_proxy(proxy, reg, repo, "1.0", MODERN)) == (list_digest, LIST)
+    assert answered(get_tag(proxy, reg, repo, "1.0", accept=MODERN)) == (list_digest, LIST)
 
 
 def test_prefetched_answers_are_docker_hits(
@@ -167,12 +153,12 @@ def test_prefetched_answers_are_docker_hits(
     # the prefetched index, and a single-platform image prefetch got while accepting
     # every index type, are what Docker gets from upstream: HITs
     for accept in (MODERN, DOCKER_20):
-        mp = via_proxy(proxy, reg, repo, "mp", accept)
+        mp = get_tag(proxy, reg, repo, "mp", accept=accept)
         assert answered(mp) == (list_digest, LIST) and mp.cache == "HIT", (accept, mp.cache)
     for accept in (MODERN, DOCKER_20, OLD):
-        one = via_proxy(proxy, reg, repo, "single", accept)
+        one = get_tag(proxy, reg, repo, "single", accept=accept)
         assert answered(one) == (single.manifest_digest, OCI_MANIFEST), accept
         assert one.cache == "HIT", (accept, one.cache)
     # an old client gets the amd64 image, as from upstream, not the index
-    old = via_proxy(proxy, reg, repo, "mp", OLD)
+    old = get_tag(proxy, reg, repo, "mp", accept=OLD)
     assert answered(old) == (amd64_digest, V2) and old.cache == "MISS"

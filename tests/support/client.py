@@ -244,9 +244,12 @@ IMAGE_MANIFEST_ACCEPT = {
 }
 
 
-def get_tag(proxy: Any, reg: Any, repo: str, tag: str, method: str = "GET") -> Response:
+def get_tag(
+    proxy: Any, reg: Any, repo: str, tag: str, method: str = "GET", accept: str | None = None
+) -> Response:
     """A tag's manifest from registry `reg` through `proxy` (a Proxy and a Registry of
-    the support modules), as an image-manifest client asks for it."""
+    the support modules), as a client that accepts `accept` asks for it (by default,
+    image manifests and no index)."""
     return fetch(
         proxy.port,
         str(proxy.ca_path),
@@ -254,7 +257,7 @@ def get_tag(proxy: Any, reg: Any, repo: str, tag: str, method: str = "GET") -> R
         reg.port,
         method,
         f"/v2/{repo}/manifests/{tag}",
-        IMAGE_MANIFEST_ACCEPT,
+        IMAGE_MANIFEST_ACCEPT if accept is None else {"Accept": accept},
     )
 
 
