@@ -358,6 +358,7 @@ class BlobCache:
         decoder: Decoder | None = None
         source: BlobSource | None = None  # the one of self.sources the bytes come from
         from_source = False  # the bytes come from `source` still, not from the registry
+        resumed = False  # a source broke off once already (the next break: the registry)
         try:
             try:
                 found = await self._from_sources(fetch, origin, name)
@@ -442,21 +443,31 @@ class BlobCache:
                 except (*UPSTREAM_ERRORS, aiohttp.ClientPayloadError, _TooSlow) as e:
                     if not from_source:
                         raise
-                    # A source (a peer that died, a bucket) broke off: the registry sends
-                    # the rest, after the bytes written so far; the digest checks them all.
-                    from_source = False
-                    fetch.from_source = None  # this node fetched it after all: it uploads it
+                    # A source (a peer that died, a bucket) broke off: the rest comes from
+                    # where the source says (a peer: the next owner, once) or from the
+                    # registry, after the bytes written so far; the digest checks them all.
                     await _written(writing)
                     writing = None
                     fetch.progressed()
                     upstream.release()
+                    assert source is not None
+                    instead = None if resumed else await self._instead(source, fetch, origin, name)
+                    resumed = True
                     log.warning(
                         "%s broke off after %d bytes (%s): the rest from %s",
                         fetch.digest,
                         writer.written,
                         describe(e),
-                        origin.netloc,
+                        origin.netloc if instead is None else instead[0].name,
                     )
+                    if instead is not None:
+                        # It sends the whole blob: the bytes written so far are skipped.
+                        source, upstream = instead
+                        fetch.from_source = source.name
+                        decoder, skip = None, writer.written
+                        continue
+                    from_source = False
+                    fetch.from_source = None  # this node fetched it after all: it uploads it
                     rest = await self._rest(origin, path, headers, writer.written)
                     upstream, decoder, skip = rest
             await _written(writing)
@@ -533,6 +544,23 @@ class BlobCache:
                 return source, answer
             answer.release()
         return None
+
+    async def _instead(
+        self, broken: BlobSource, fetch: BlobFetch, origin: Origin, name: str
+    ) -> tuple[BlobSource, SourceAnswer] | None:
+        """Where the rest of a blob whose source broke off comes from, other than the
+        registry: the source's own answer for that (a peer: the next owner), or None."""
+        try:
+            answer = await broken.instead(fetch.digest, origin, name)
+        except Exception as e:  # a source is only a shortcut: the registry remains
+            log.warning("%s could not go on with %s: %s", broken.name, fetch.digest, describe(e))
+            return None
+        if answer is None:
+            return None
+        if answer.status != 200:
+            answer.release()
+            return None
+        return broken, answer
 
     async def _rest(
         self, origin: Origin, path: str, headers: Mapping[str, str], offset: int

@@ -40,6 +40,12 @@ class BlobSource(Protocol):
         (it logs why); raising is taken as None too."""
         ...
 
+    async def instead(self, digest: str, origin: Origin, repository: str) -> SourceAnswer | None:
+        """Its stream of `digest` broke off: another answer of this source for the whole
+        blob (a peer: the owner once the broken one is counted out), or None: then the
+        registry sends the rest."""
+        ...
+
     def refute(self, digest: str) -> None:
         """The bytes it gave for `digest` did not hash to it: it is not asked for that
         blob again, or not for a while (it logs why). The fetch that read them fails,

@@ -10,8 +10,10 @@ blob_sources.py), with a signed request (peer_auth.py) to the owner's listener o
 checked against the shared CA; the owner serves it through its own blob cache, so all
 nodes' misses of one blob, and its own clients', make one download, streamed to everyone
 while it is written. An owner that cannot be reached is remembered as down for a short
-while and the node fetches from the registry itself; a stream from it that breaks is
-carried on from the registry by the blob cache, and the digest is checked either way.
+while and the node fetches from the registry itself. A stream from it that breaks (the
+owner died mid-fetch) is carried on from the owner among the nodes left, which every
+asking node works out alike: the new owner fetches the rest from the registry once, and
+the others take the blob from it. The digest is checked either way.
 
 A fetch the owner runs for a peer never asks a peer itself (`serving_peer`), so nodes
 whose lists disagree cannot send a request round in a circle.
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 PEER_PREFIX = "/_peer"  # a peer request's target: /_peer/v2/<name>/blobs/<digest>?registry=
 CONNECT_TIMEOUT = 2.0  # seconds to reach an owner before fetching from the registry instead
 DOWN_FOR = 30.0  # seconds an owner that could not be reached is not asked again
+ASKED_KEPT = 4096  # digests whose last asked node is remembered (for refute)
 
 # Set while a node serves a peer's request: the fetch it starts goes to the registry.
 serving_peer: contextvars.ContextVar[bool] = contextvars.ContextVar("serving_peer", default=False)
@@ -152,6 +155,7 @@ class PeerSource:
         self.key = key
         self.name = "owner peer"
         self._down: dict[str, float] = {}  # node -> until when it is not asked
+        self._asked: dict[str, str] = {}  # digest -> the node last asked for it
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -173,7 +177,8 @@ class PeerSource:
         """The owner sent bytes that are not the blob's: a broken or hostile node. It is
         not asked for anything for a while, so the clients' next try reaches the
         registry, and the operator is told."""
-        node = self.cluster.owner(digest)
+        # The node asked last for it: the owner, or the one that took over from it.
+        node = self._asked.pop(digest, None) or self.cluster.owner(digest)
         self._down[node] = time.monotonic() + DOWN_FOR
         log.error(
             "peer %s sent wrong bytes for %s: not asking it for %g s; check that node",
@@ -191,6 +196,31 @@ class PeerSource:
         node = self.cluster.owner(digest)
         if node == self.cluster.me or self.down(node):
             return None
+        return await self._ask(node, digest, origin, repository)
+
+    async def instead(self, digest: str, origin: Origin, repository: str) -> SourceAnswer | None:
+        """The owner's stream broke off (it died, say): it is not asked again for a while,
+        and the owner among the nodes left takes over. Every node that was asking agrees
+        on it, so the rest is fetched once: by this node when it is the new owner (None:
+        from the registry), else by the new owner, which this node asks for the blob."""
+        broken = self.cluster.owner(digest)
+        self._down[broken] = time.monotonic() + DOWN_FOR
+        left = [n for n in self.cluster.nodes if not self.down(n) or n == self.cluster.me]
+        node = owner(left, digest)
+        if node == self.cluster.me or self._session is None:
+            return None
+        return await self._ask(node, digest, origin, repository)
+
+    async def _ask(
+        self, node: str, digest: str, origin: Origin, repository: str
+    ) -> SourceAnswer | None:
+        """`node`'s answer for the blob: a 200, or None (it cannot be reached: not asked
+        again for DOWN_FOR; or it answered otherwise)."""
+        if self._session is None:
+            return None
+        if len(self._asked) >= ASKED_KEPT:
+            self._asked.clear()  # only the fetches under way need theirs
+        self._asked[digest] = node
         target = f"{PEER_PREFIX}/v2/{repository}/blobs/{digest}?registry={quote(origin.key, '')}"
         headers = {peer_auth.HEADER: peer_auth.sign(self.key, "GET", target)}
         try:

@@ -55,6 +55,11 @@ class BucketSource:
         except BucketUnavailable:
             return None
 
+    async def instead(self, digest: str, origin: Origin, repository: str) -> BucketObject | None:
+        """A bucket stream that broke off (its object trimmed, the store gone): the
+        registry sends the rest."""
+        return None
+
     def refute(self, digest: str) -> None:
         """An object that is not its digest's bytes (damaged in the store: every upload
         was verified) goes, so that the next fetch of it goes to the registry and its
