@@ -633,7 +633,7 @@ class BlobCache:
         self.inflight.release(fetch)
         fetch.finish()
         try:
-            self.maintenance.stored(fetch.digest, size, fetched_here=fetch.from_source is None)
+            self.maintenance.stored(fetch.digest, size, source=fetch.from_source)
         except STORE_ERRORS as e:
             # Stored and indexed; only the eviction after it failed, and the next stored
             # blob or the housekeeping tries again.

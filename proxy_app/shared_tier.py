@@ -137,12 +137,25 @@ class SharedTier:
 
     # --- uploads ------------------------------------------------------------------------
 
-    def stored(self, digest: str, fetched_here: bool = True) -> None:
+    def stored(self, digest: str, source: str | None = None) -> None:
         """A blob is committed to the local store: to the bucket, behind the clients, when
-        this node downloaded it from the registry. One that came from the bucket is there;
-        one from its owner is uploaded by the owner: a second upload of the same bytes
-        would only take the CPU and bandwidth that the nodes' clients are using."""
-        if fetched_here and digest not in self._queued:
+        this node downloaded it from the registry (`source` None). One that came from the
+        bucket is there. One from its owner is uploaded by the owner (a second upload of
+        the same bytes would only take the CPU and bandwidth the clients are using); it
+        is queued here only once the owner's upload must have ended (it waits
+        UPLOAD_DEFER_MAX at most, and an upload older than the store's
+        abandoned_upload_age is abandoned by definition), for the case that the owner died
+        before it: it costs a HEAD request, and an upload if the bucket still lacks it."""
+        if source == self.source.name:
+            return
+        if source is not None:
+            later = UPLOAD_DEFER_MAX + self.shared.config.abandoned_upload_age
+            asyncio.get_running_loop().call_later(later, self._queue_upload, digest)
+            return
+        self._queue_upload(digest)
+
+    def _queue_upload(self, digest: str) -> None:
+        if digest not in self._queued:
             self._queued.add(digest)
             self._queue.put_nowait((digest, time.monotonic()))
 

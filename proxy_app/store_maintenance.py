@@ -64,9 +64,9 @@ class StoreMaintenance:
         self.size = 0
         self._pins: Counter[str] = Counter()
         self._store_failing = False
-        # Told of each blob committed to the store, and whether this node downloaded it
-        # from its registry (the shared tier uploads those).
-        self.listeners: list[Callable[[str, bool], None]] = []
+        # Told of each blob committed to the store, and which cluster source gave it (None:
+        # the registry; the shared tier uploads those).
+        self.listeners: list[Callable[[str, str | None], None]] = []
         self.graph = ImageGraph(store, index)
 
     # --- start-up -----------------------------------------------------------------------
@@ -169,16 +169,16 @@ class StoreMaintenance:
 
     # --- the size bound -----------------------------------------------------------------
 
-    def stored(self, digest: str, size: int, fetched_here: bool = True) -> None:
+    def stored(self, digest: str, size: int, source: str | None = None) -> None:
         self.size += size
-        self.announce(digest, fetched_here)
+        self.announce(digest, source)
         self.make_room(0)
 
-    def announce(self, digest: str, fetched_here: bool = True) -> None:
-        """Tells the listeners a blob (or manifest) was committed to the store; not
-        `fetched_here` when a cluster source (the bucket, the owner peer) gave it."""
+    def announce(self, digest: str, source: str | None = None) -> None:
+        """Tells the listeners a blob (or manifest) was committed to the store, and the
+        name of the cluster source that gave it (the bucket, the owner peer), if one did."""
         for listener in self.listeners:
-            listener(digest, fetched_here)
+            listener(digest, source)
 
     def _candidates(self, inflight: InflightFetches | None, batch: int) -> Iterator[BlobEntry]:
         """Blobs least recently used first, less those being read or fetched and those of

@@ -399,3 +399,46 @@ def test_uploads_wait_while_the_node_downloads(
         assert wait_until(lambda: slow_digest in bucket_blobs(seaweed, bucket), timeout=30)
     finally:
         relay.stop()
+
+
+def test_a_blob_whose_owner_died_before_uploading_it_reaches_the_bucket(
+    registry: Registry,
+    aio: AioThread,
+    proxy_factory,
+    seaweed: Seaweed,
+    bucket: str,
+):
+    """A node that took a blob from its owner leaves the upload to the owner; the owner
+    dies in the middle of it, and the node uploads the blob itself once the owner's
+    upload must have ended (UPLOAD_DEFER_MAX + abandoned_upload_age)."""
+    repo = "pub/cluster-orphan"
+    data, digest = random_blob(10 * 1000 * 1000)
+    registry.upload_blob(repo, data, digest)
+    s3_relay = ThrottledRelay(aio, seaweed.ports["s3"], rate=1e12, up_rate=100e3).start()
+    age = {"abandoned_upload_age": "2s"}
+    try:
+        nodes = [proxy_factory(start=False, store=s3_store(seaweed, bucket, **age)) for _ in "ab"]
+        for node in nodes:
+            set_peers(node, nodes)
+        holder = owner_of(nodes, digest)
+        asker = next(n for n in nodes if n is not holder)
+        holder.config["store"] = s3_store(
+            seaweed, bucket, endpoint=f"http://127.0.0.1:{s3_relay.port}", **age
+        )
+        holder.config_path.write_text(yaml.safe_dump(holder.config))
+        for node in nodes:
+            start_with_ca(node, nodes[0])
+        r = asker.get(registry.netloc, f"/v2/{repo}/blobs/{digest}")
+        assert r.status == 200 and r.sha256 == digest
+        assert len(registry.blob_requests(digest)) == 1
+        assert wait_until(
+            lambda: any(u["Key"] == blob_key(digest) for u in seaweed.multipart_uploads(bucket)),
+            timeout=30,
+        ), "the owner's upload did not start"
+        kill9(holder)
+        assert digest not in bucket_blobs(seaweed, bucket)
+        assert wait_until(lambda: digest in bucket_blobs(seaweed, bucket), timeout=90)
+        assert seaweed.get(bucket, blob_key(digest)) == data
+        assert health(asker)["shared_store"]["uploaded"] >= 1
+    finally:
+        s3_relay.stop()
