@@ -23,7 +23,7 @@ from support.client import IMAGE_MANIFEST_ACCEPT, basic, get_tag
 from support.durability import blob_path, stored_blobs
 from support.images import Image, pulled_blobs
 from support.proxy import REPO_ROOT, Proxy
-from support.registry import Registry
+from support.registry import Registry, wait_until
 
 from proxy_app.admin_client import AdminRefused, call
 from proxy_app.proxy_auth import hash_password
@@ -209,13 +209,15 @@ def test_pinned_image_survives_eviction_and_unpin_makes_it_evictable(
         img = images[name]
         return held(name) == {img.manifest_digest, *img.blob_digests}
 
+    # A client has a blob's last byte once it is verified, a moment before the cache has
+    # stored it (and evicted for it): the store is waited for.
     pulled_blobs(proxy, refs["p"], tmp_path / "p")
     pulled_blobs(proxy, refs["q"], tmp_path / "q")
-    assert whole("p") and whole("q")
+    assert wait_until(lambda: whole("p") and whole("q"), timeout=10)
     pulled_blobs(proxy, refs["r"], tmp_path / "r")  # p is least recently used, but pinned
+    assert wait_until(lambda: whole("r"), timeout=10)
     assert whole("p"), "the pinned image lost blobs to eviction"
     assert images["q"].layer_digests[0] not in held("q"), "q should have made room"
-    assert whole("r")
     listed = {i["digest"]: i["pinned"] for i in admin_json(proxy, "ls")["images"]}
     assert listed[images["p"].manifest_digest] is True
     assert admin_json(proxy, "pin")["pins"] == [
@@ -236,6 +238,7 @@ def test_pinned_image_survives_eviction_and_unpin_makes_it_evictable(
     assert admin_json(proxy, "pin")["pins"] == []
     pulled_blobs(proxy, refs["s"], tmp_path / "s")
     pulled_blobs(proxy, refs["q"], tmp_path / "q-again")
+    assert wait_until(lambda: whole("q"), timeout=10)
     assert images["p"].layer_digests[0] not in held("p"), "unpinned, p should be evicted first"
     assert admin(proxy, "unpin", refs["p"]).returncode == 1
 
