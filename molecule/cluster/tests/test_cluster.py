@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 
 import yaml
 from conftest import (
@@ -91,16 +92,26 @@ def test_the_second_node_serves_from_the_bucket(upstream: Host, seaweed: Host) -
     fetched = blob_requests(upstream, APP)
     assert [r for r in fetched if r.method == "GET"], "the first pull fetched nothing upstream"
 
+    # The node that fetched a blob uploads it behind its clients: it waits while it is
+    # still downloading (at most 30 s), so the bucket fills a little after the pull.
+    hexdigests = [d.split(":", 1)[1] for d in image_blobs(upstream, APP, TAG)]
+    missing = bucket_missing(seaweed, hexdigests)
+    deadline = time.monotonic() + 120
+    while missing and time.monotonic() < deadline:
+        time.sleep(2)
+        missing = bucket_missing(seaweed, hexdigests)
+    assert not missing, f"not in the bucket 120 s after the pull: {missing}"
+
     ok(second, "docker pull -q %s/%s:%s", REGISTRY, APP, TAG)
     again = blob_requests(upstream, APP)
     assert [r for r in again if r.method == "GET"] == [r for r in fetched if r.method == "GET"]
 
-    # The bucket holds each blob (its hex digest in some key; the key layout is the proxy's).
+
+def bucket_missing(seaweed: Host, hexdigests: list[str]) -> list[str]:
+    """The digests no key of the bucket names (the key layout is the proxy's)."""
     listing = ok(seaweed, "curl -fsS 'http://127.0.0.1:8333/%s?list-type=2'", BUCKET)
     keys = re.findall(r"<Key>([^<]+)</Key>", listing)
-    for digest in image_blobs(upstream, APP, TAG):
-        hexdigest = digest.split(":", 1)[1]
-        assert any(hexdigest in key for key in keys), (digest, keys)
+    return [h for h in hexdigests if not any(h in key for key in keys)]
 
 
 def test_containerd_pulls_with_its_first_mirror_stopped(containerd: Host) -> None:
