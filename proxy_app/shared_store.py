@@ -47,6 +47,12 @@ CONNECT_TIMEOUT = 2.0  # seconds: an unreachable bucket must not hold a client's
 READ_TIMEOUT = 30.0
 # How long the circuit stays open after a failure: doubled on each failure in a row.
 RETRY_FIRST, RETRY_MAX = 2.0, 60.0
+# An answer that says "try again" (S3's InternalError, SlowDown, a 503 from a gateway in
+# front of the store) is tried again after these pauses before the circuit opens: AWS
+# documents such answers as part of normal operation, and SeaweedFS gives the odd one
+# under load. A store that cannot be reached is not: it fails at once (CONNECT_TIMEOUT).
+TRANSIENT_PAUSES = (0.1, 0.5)
+TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"})
 MAX_TAG_OBJECT = 64 << 10
 
 
@@ -160,26 +166,37 @@ class SharedStore:
         self._backoff = RETRY_FIRST
 
     async def _call(self, operation: str, missing_ok: bool = False, **kwargs: Any) -> Any:
-        """One S3 call on the bucket. A missing key (404) is None with `missing_ok`;
-        anything that says the bucket cannot serve us opens the circuit."""
+        """One S3 call on the bucket. A missing key (404) is None with `missing_ok`; an
+        answer that says "try again" is tried again (TRANSIENT_PAUSES: every body the
+        node sends is bytes, so a call can be repeated whole); anything else that says
+        the bucket cannot serve us opens the circuit."""
         if not self.available:
             raise BucketUnavailable(self.problem or "circuit open")
-        try:
-            answer = await getattr(self._client, operation)(Bucket=self.bucket, **kwargs)
-        except ClientError as e:
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            code = e.response.get("Error", {}).get("Code", "")
-            if missing_ok and (status == 404 or code in ("NoSuchKey", "NotFound", "404")):
-                self._ok()
-                return None
-            if code == "NoSuchUpload":
-                raise
-            if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                self._ok()  # the bucket answered: another writer came first
-                raise PreconditionFailed(code or str(status)) from e
-            raise self._failed(e) from e
-        except (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as e:
-            raise self._failed(e) from e
+        pauses = iter(TRANSIENT_PAUSES)
+        while True:
+            try:
+                answer = await getattr(self._client, operation)(Bucket=self.bucket, **kwargs)
+                break
+            except ClientError as e:
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                code = e.response.get("Error", {}).get("Code", "")
+                if missing_ok and (status == 404 or code in ("NoSuchKey", "NotFound", "404")):
+                    self._ok()
+                    return None
+                if code == "NoSuchUpload":
+                    raise
+                if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    self._ok()  # the bucket answered: another writer came first
+                    raise PreconditionFailed(code or str(status)) from e
+                if code in TRANSIENT_CODES or status in (500, 502, 503, 504):
+                    pause = next(pauses, None)
+                    if pause is not None:
+                        log.info("shared store: %s: %s; trying again", operation, _describe(e))
+                        await asyncio.sleep(pause)
+                        continue
+                raise self._failed(e) from e
+            except (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as e:
+                raise self._failed(e) from e
         self._ok()
         return answer
 
@@ -392,10 +409,13 @@ class SharedStore:
 
     # --- tag answers --------------------------------------------------------------------
 
-    def _tag_prefix(self, host: str, name: str, tag: str) -> str:
+    def _repository_tags_prefix(self, host: str, name: str) -> str:
         # ':' is in neither a repository name nor a tag: name "a/b" tag "c" and name
         # "a/b/c" stay apart.
-        return f"{self.prefix}tags/{host}/{name}:{tag}/"
+        return f"{self.prefix}tags/{host}/{name}:"
+
+    def _tag_prefix(self, host: str, name: str, tag: str) -> str:
+        return f"{self._repository_tags_prefix(host, name)}{tag}/"
 
     async def put_tag(self, host: str, name: str, tag: str, variant: str, entry: TagEntry) -> None:
         document = {
@@ -420,8 +440,31 @@ class SharedStore:
 
     async def tag_variants(self, host: str, name: str, tag: str) -> dict[str, TagEntry]:
         """Every node's answers for a tag (per Accept variant) the bucket holds."""
-        found: dict[str, TagEntry] = {}
-        async for item in self._objects(self._tag_prefix(host, name, tag)):
+        return {
+            variant: entry
+            async for _, variant, entry in self._tag_answers(self._tag_prefix(host, name, tag))
+        }
+
+    async def drop_tags(self, host: str, name: str, tag: str | None, digest: str | None) -> int:
+        """Deletes the bucket's answers of a tag (every variant, every node's), or those
+        naming `digest` in a repository (tag None), as Index.drop_tags does for one node;
+        how many went. A purged tag must not come back from the bucket while upstream
+        is down."""
+        if tag is not None:
+            prefix = self._tag_prefix(host, name, tag)
+        else:
+            prefix = self._repository_tags_prefix(host, name)
+        gone = 0
+        async for key, _, entry in self._tag_answers(prefix):
+            if tag is None and entry.digest != digest:
+                continue
+            await self.delete_key(key)
+            gone += 1
+        return gone
+
+    async def _tag_answers(self, prefix: str) -> AsyncIterator[tuple[str, str, TagEntry]]:
+        """(key, variant, answer) of the tag objects under prefix that parse."""
+        async for item in self._objects(prefix):
             if int(item.get("Size", 0)) > MAX_TAG_OBJECT:
                 continue
             answer = await self._call("get_object", missing_ok=True, Key=item["Key"])
@@ -438,8 +481,7 @@ class SharedStore:
             except (ValueError, KeyError, TypeError):
                 continue
             if SHA256_DIGEST.fullmatch(entry.digest):
-                found[variant] = entry
-        return found
+                yield item["Key"], variant, entry
 
     async def read_small(self, digest: str, limit: int) -> bytes | None:
         """A small blob (a manifest) whole, verified against its digest; None when the

@@ -5,12 +5,15 @@ bucket that goes away."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 from support.seaweed import Seaweed
 
 from proxy_app.config import StoreConfig
@@ -197,3 +200,93 @@ def test_unreachable_bucket_fails_fast(make_seaweed, tmp_path: Path) -> None:
             await shared.close()
 
     asyncio.run(back())
+
+
+class FaultyFront:
+    """A real HTTP front of SeaweedFS (as a load balancer or gateway before a store is)
+    that answers the next PUTs with the errors in `faults` instead of passing them on,
+    as S3 itself answers now and then ("InternalError ... please try again")."""
+
+    def __init__(self, seaweed: Seaweed) -> None:
+        self.target = seaweed.endpoint
+        self.faults: list[tuple[int, str]] = []
+        self.puts = 0
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.endpoint = ""
+
+    async def start(self) -> FaultyFront:
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        # An Application, not a bare Server: its router answers "Expect: 100-continue",
+        # which botocore sends with every PUT body.
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.endpoint = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if request.method == "PUT":
+            self.puts += 1
+            if self.faults:
+                status, code = self.faults.pop(0)
+                xml = f"<Error><Code>{code}</Code><Message>please try again</Message></Error>"
+                return web.Response(status=status, text=xml, content_type="application/xml")
+        assert self._session is not None
+        # The Host header goes on as it came: the request is signed for it. The framing
+        # and Expect headers are this hop's (the body is read whole already).
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() not in ("expect", "content-length", "transfer-encoding", "connection")
+        }
+        async with self._session.request(
+            request.method, self.target + request.path_qs, headers=headers, data=body
+        ) as answer:
+            payload = await answer.read()
+            headers = {
+                k: v
+                for k, v in answer.headers.items()
+                if k.lower() not in ("content-length", "transfer-encoding", "connection")
+            }
+            return web.Response(status=answer.status, body=payload, headers=headers)
+
+
+def test_an_answer_that_says_try_again_is_tried_again(seaweed: Seaweed, bucket: str) -> None:
+    """S3's InternalError and SlowDown are tried again (twice, after a short pause) and
+    the call succeeds with nothing shown as wrong; a third in a row opens the circuit."""
+
+    async def run() -> None:
+        front = await FaultyFront(seaweed).start()
+        config = store_config(seaweed, bucket, prefix="retries/")
+        shared = SharedStore(dataclasses.replace(config, endpoint=front.endpoint))
+        await shared.start()
+        entry = TagEntry("sha256:" + "3" * 64, "application/vnd.oci.image.index.v1+json", 1.0)
+        try:
+            front.faults = [(500, "InternalError"), (503, "SlowDown")]
+            await shared.put_tag("reg.example:5000", "team/app", "v1", "", entry)
+            assert front.puts == 3 and not front.faults
+            assert shared.healthy and shared.available
+            assert await shared.tag_variants("reg.example:5000", "team/app", "v1") == {"": entry}
+
+            front.puts = 0
+            front.faults = [(500, "InternalError")] * 3
+            with pytest.raises(BucketUnavailable, match="InternalError"):
+                await shared.put_tag("reg.example:5000", "team/app", "v2", "", entry)
+            assert front.puts == 3, "tried more than twice again, or not at all"
+            assert not shared.healthy and not shared.available
+        finally:
+            await shared.close()
+            await front.close()
+
+    asyncio.run(run())
