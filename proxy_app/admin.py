@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import inspect
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from .image_ref import ImageRef, ImageRefInvalid, names_registry, parse_image_re
 from .index import Index, Pin
 from .inflight import InflightFetches
 from .registry_names import display_name
+from .shared_store import BucketUnavailable, SharedStore
 from .store_maintenance import STORE_ERRORS, StoreMaintenance
 from .tag_policy import TagPolicy
 
@@ -107,6 +109,8 @@ class Admin:
         self.tag_policy = TagPolicy(config.tag_rules, config.tag_ttl)
         # The app's view of the shared store and the peers (app.py), when it has one.
         self.cluster_status: Callable[[], Awaitable[dict[str, Any]]] | None = None
+        # The cluster's bucket (store: {type: s3}): a purge removes its tag answers too.
+        self.shared: SharedStore | None = None
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -221,6 +225,46 @@ class Admin:
             "kept_shared": sorted(d for d in target & kept if self.index.blob(d) is not None),
         }
 
+    async def purge_with_bucket(self, ref: ImageRef) -> dict[str, Any]:
+        """purge, and in a cluster the bucket's answers of the same tags (every node's):
+        otherwise any node, this one too, would answer the purged tag from the bucket
+        while upstream is down. The bucket's blobs stay: they are content-addressed,
+        verified on every read, and trimmed by shared_max_size. A ref this node does not
+        have is still purged from the bucket (run the purge on any node)."""
+        try:
+            result = self.purge(ref)
+        except AdminError as e:
+            if e.status != 404 or self.shared is None:
+                raise
+            missing: AdminError | None = e
+            result = {
+                "ref": str(ref),
+                "tags_removed": 0,
+                "blobs_removed": [],
+                "bytes_freed": 0,
+                "kept_shared": [],
+            }
+        else:
+            missing = None
+        if self.shared is None:
+            return result
+        try:
+            gone = await self.shared.drop_tags(ref.registry, ref.repository, ref.tag, ref.digest)
+        except BucketUnavailable as e:
+            if missing is not None:
+                raise AdminError(
+                    503, f"{missing.message}; the shared store could not be asked: {e}"
+                ) from None
+            result["shared_store_error"] = (
+                f"its tag answers in the shared store were not removed ({e}); run the same"
+                " purge again once the store is reachable"
+            )
+            return result
+        if missing is not None and not gone:
+            raise missing
+        result["shared_tags_removed"] = gone
+        return result
+
     # --- pins ---------------------------------------------------------------------------
 
     def pins(self) -> list[dict[str, Any]]:
@@ -310,8 +354,8 @@ class Admin:
             if self.cluster_status is None:
                 return {"node": None, "shared_store": None, "peers": []}
             return await self.cluster_status()
-        actions: dict[str, Callable[[ImageRef], dict[str, Any]]] = {
-            "/admin/purge": self.purge,
+        actions: dict[str, Callable[[ImageRef], dict[str, Any] | Awaitable[dict[str, Any]]]] = {
+            "/admin/purge": self.purge_with_bucket,
             "/admin/pin": self.pin,
             "/admin/unpin": self.unpin,
             "/admin/refresh": self.refresh,
@@ -327,6 +371,8 @@ class Admin:
             raise AdminError(405, f"{path} takes POST with {{'ref': ...}}")
         ref = _ref(await _json_body(request))
         result = action(ref)
+        if inspect.isawaitable(result):
+            result = await result
         log.info("admin: %s %s by %s", path.rsplit("/", 1)[1], ref, who)
         return result
 

@@ -177,10 +177,18 @@ def run(args: argparse.Namespace, config: Config) -> int:
             f"purged {answer['ref']}: {answer['tags_removed']} tag answers, "
             f"{len(answer['blobs_removed'])} blobs ({human_size(answer['bytes_freed'])}) removed"
             + (f"; {len(kept)} blobs kept, other cached images use them" if kept else "")
+            + (
+                f"; {answer['shared_tags_removed']} tag answers removed from the shared store"
+                if "shared_tags_removed" in answer
+                else ""
+            )
         )
+        if "shared_store_error" in answer:
+            print(f"registry-cache purge: {answer['shared_store_error']}", file=sys.stderr)
     else:
         print(answer["message"])
-    return 0
+    # A purge half done (the shared store unreachable): a script must not take it for whole.
+    return 1 if "shared_store_error" in answer else 0
 
 
 def _matching(glob: str | None) -> str:

@@ -95,6 +95,8 @@ class RegistryCacheApp:
         self.admin = Admin(cfg, self.index, self.maintenance, self.registry.inflight)
         self.admin.apply_config_pins()
         self.admin.cluster_status = self.cluster_status
+        if self.shared_tier is not None:
+            self.admin.shared = self.shared_tier.shared
         self.server = ProxyServer(
             cfg,
             ca,

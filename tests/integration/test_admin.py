@@ -4,11 +4,9 @@ its admin socket (and the /admin/ API for admin users), against a real registry.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import stat
-import subprocess
 import tempfile
 import urllib.error
 import urllib.request
@@ -19,10 +17,11 @@ from typing import Any
 
 import pytest
 import yaml
+from support.admin import admin, admin_json
 from support.client import IMAGE_MANIFEST_ACCEPT, basic, get_tag
 from support.durability import blob_path, stored_blobs
 from support.images import Image, pulled_blobs
-from support.proxy import REPO_ROOT, Proxy
+from support.proxy import Proxy
 from support.registry import Registry, wait_until
 
 from proxy_app.admin_client import AdminRefused, call
@@ -30,34 +29,8 @@ from proxy_app.proxy_auth import hash_password
 
 pytestmark = pytest.mark.integration
 
-CLI = str(REPO_ROOT / ".venv" / "bin" / "registry-cache")
 PERMISSION = "permission denied: run as root or the registry-cache user"
 NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
-
-
-def admin(
-    proxy: Proxy,
-    *args: str,
-    prefix: tuple[str, ...] = (),
-    config: Path | None = None,
-    env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """`registry-cache ARGS --config <the proxy's config>`."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_CACHE_")}
-    return subprocess.run(
-        [*prefix, CLI, *args, "--config", str(config or proxy.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**clean, **(env or {})},
-    )
-
-
-def admin_json(proxy: Proxy, *args: str) -> Any:
-    res = admin(proxy, *args, "--json")
-    assert res.returncode == 0, f"registry-cache {' '.join(args)}: {res.stderr}"
-    return json.loads(res.stdout)
 
 
 def indexed(proxy: Proxy) -> set[str]:
