@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.admin import admin, admin_json
 from support.durability import make_multiplatform_image, push_all
 from support.images import layout_blobs, pull
 from support.proxy import Proxy
@@ -232,3 +233,58 @@ def test_a_multi_platform_tag_from_the_bucket_while_upstream_is_down(
     # Another repository of the same registry does not get the manifest by digest.
     other = b.get(registry.netloc, f"/v2/outage/other/manifests/{amd64.manifest_digest}")
     assert other.status != 200, other.status
+
+
+def test_a_purged_tag_does_not_come_back_from_the_bucket(
+    make_registry, image_factory, proxy_factory, make_seaweed, tmp_path: Path
+):
+    """A purge removes the tag's answers from the bucket too (every node's), so neither
+    the node that purged nor another answers the tag from the bucket while upstream is
+    down; a node that never had the tag purges it from the bucket all the same; with the
+    bucket unreachable the purge says it is half done (exit 1, what to do)."""
+    server = make_seaweed()
+    bucket = server.make_bucket()
+    registry = make_registry()
+    repo = "purged/app"
+    refs = {tag: f"{registry.netloc}/{repo}:{tag}" for tag in ("one", "two", "three")}
+    images = {tag: image_factory(ref, [30_000]) for tag, ref in refs.items()}
+    tags_prefix = f"cluster/tags/{registry.netloc}/{repo}:"
+
+    def bucket_tags() -> set[str]:
+        return {key[len(tags_prefix) :].split("/")[0] for key in server.keys(bucket, tags_prefix)}
+
+    a = node(proxy_factory, server, bucket, tmp_path / "none", tmp_path, "a")
+    b = node(proxy_factory, server, bucket, Path(a.ca_path).parent, tmp_path, "b")
+    for tag, ref in refs.items():
+        assert pull(a, ref, tmp_path / f"a-{tag}").returncode == 0
+    wait_until(lambda: bucket_tags() == set(refs), timeout=30)
+    three = images["three"]
+    wait_until(
+        lambda: {three.manifest_digest, *three.blob_digests} <= blob_keys(server, bucket),
+        timeout=60,
+    )
+
+    on_a = admin_json(a, "purge", refs["one"])
+    assert on_a["tags_removed"] == 1 and on_a["shared_tags_removed"] >= 1, on_a
+    # b never pulled "two": nothing of it here, its answer in the bucket goes all the same
+    on_b = admin(b, "purge", refs["two"])
+    assert on_b.returncode == 0, on_b.stderr
+    assert "0 tag answers" in on_b.stdout and "removed from the shared store" in on_b.stdout
+    assert bucket_tags() == {"three"}
+    nowhere = admin(b, "purge", f"{registry.netloc}/{repo}:never")
+    assert nowhere.returncode == 1 and "is not cached" in nowhere.stderr, nowhere.stderr
+
+    registry.stop()
+    for proxy, tag in ((a, "one"), (b, "one"), (b, "two")):
+        res = pull(proxy, refs[tag], tmp_path / f"down-{proxy.port}-{tag}")
+        assert res.returncode != 0, f"{tag} came back through {proxy.port} with upstream down"
+    res = pull(b, refs["three"], tmp_path / "down-three")
+    assert res.returncode == 0, res.stderr  # what was not purged still answers (STALE)
+
+    server.stop()
+    half = admin(a, "purge", refs["three"])
+    assert half.returncode == 1, half.stdout
+    assert "1 tag answers" in half.stdout
+    assert "not removed" in half.stderr and "purge again" in half.stderr, half.stderr
+    assert server.secret_key not in half.stdout + half.stderr
+    assert_secret_kept(server, a, b)
