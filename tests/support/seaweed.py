@@ -94,7 +94,10 @@ class Seaweed:
             "-master.telemetry=false",
             f"-volume.port={p['volume']}",
             f"-volume.port.grpc={p['volume.grpc']}",
-            "-volume.max=0",
+            # Each bucket (a test's own) takes 7 volumes; "0" would allow only free disk
+            # / 256 MB of them, which a CI disk ran out of after a dozen buckets: every
+            # write then failed with InternalError. Volumes are not preallocated.
+            "-volume.max=1000",
             "-filer",
             f"-filer.port={p['filer']}",
             f"-filer.port.grpc={p['filer.grpc']}",
