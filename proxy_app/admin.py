@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
-import inspect
 import json
 import logging
 import os
@@ -217,13 +216,8 @@ class Admin:
             if size:
                 removed.append(digest)
                 freed += size
-        return {
-            "ref": str(ref),
-            "tags_removed": tags_removed,
-            "blobs_removed": removed,
-            "bytes_freed": freed,
-            "kept_shared": sorted(d for d in target & kept if self.index.blob(d) is not None),
-        }
+        kept_shared = sorted(d for d in target & kept if self.index.blob(d) is not None)
+        return _purged(ref, tags_removed, removed, freed, kept_shared)
 
     async def purge_with_bucket(self, ref: ImageRef) -> dict[str, Any]:
         """purge, and in a cluster the bucket's answers of the same tags (every node's):
@@ -237,13 +231,7 @@ class Admin:
             if e.status != 404 or self.shared is None:
                 raise
             missing: AdminError | None = e
-            result = {
-                "ref": str(ref),
-                "tags_removed": 0,
-                "blobs_removed": [],
-                "bytes_freed": 0,
-                "kept_shared": [],
-            }
+            result = _purged(ref)  # nothing here: the bucket may still have its answers
         else:
             missing = None
         if self.shared is None:
@@ -354,14 +342,14 @@ class Admin:
             if self.cluster_status is None:
                 return {"node": None, "shared_store": None, "peers": []}
             return await self.cluster_status()
-        actions: dict[str, Callable[[ImageRef], dict[str, Any] | Awaitable[dict[str, Any]]]] = {
-            "/admin/purge": self.purge_with_bucket,
+        # purge is the one action that waits (on the bucket); the others are index steps.
+        purge = "/admin/purge"
+        actions: dict[str, Callable[[ImageRef], dict[str, Any]]] = {
             "/admin/pin": self.pin,
             "/admin/unpin": self.unpin,
             "/admin/refresh": self.refresh,
         }
-        action = actions.get(path)
-        if action is None:
+        if path != purge and path not in actions:
             raise AdminError(
                 404,
                 "not an admin call: GET /admin/images, /admin/pins, /admin/cluster; "
@@ -370,11 +358,26 @@ class Admin:
         if method != "POST":
             raise AdminError(405, f"{path} takes POST with {{'ref': ...}}")
         ref = _ref(await _json_body(request))
-        result = action(ref)
-        if inspect.isawaitable(result):
-            result = await result
+        result = await self.purge_with_bucket(ref) if path == purge else actions[path](ref)
         log.info("admin: %s %s by %s", path.rsplit("/", 1)[1], ref, who)
         return result
+
+
+def _purged(
+    ref: ImageRef,
+    tags_removed: int = 0,
+    blobs_removed: list[str] | None = None,
+    bytes_freed: int = 0,
+    kept_shared: list[str] | None = None,
+) -> dict[str, Any]:
+    """purge's answer (`registry-cache purge --json`)."""
+    return {
+        "ref": str(ref),
+        "tags_removed": tags_removed,
+        "blobs_removed": blobs_removed or [],
+        "bytes_freed": bytes_freed,
+        "kept_shared": kept_shared or [],
+    }
 
 
 def _pin_ref(pin: Pin) -> ImageRef:

@@ -781,6 +781,13 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     peers, peer_self = values.get("peers", ()), values.get("peer_self")
     if peer_self is not None and peer_self not in peers:
         raise ConfigError(f"config key 'peer_self': {peer_self} is not one of peers")
+    if values.get("store", Config.store).type == "filesystem":
+        for key in ("shared_max_size", "shared_trim_interval"):
+            if values.get(key) is not None:
+                raise ConfigError(
+                    f"config key {key!r}: it bounds the shared store, and there is none "
+                    "(store type filesystem): set store: {type: s3, ...} or remove it"
+                )
     bundle = values.get("upstream_ca_bundle")
     try:
         bundle_ok = bundle is None or bundle.is_file()

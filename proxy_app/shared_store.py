@@ -451,16 +451,17 @@ class SharedStore:
         how many went. A purged tag must not come back from the bucket while upstream
         is down."""
         if tag is not None:
-            prefix = self._tag_prefix(host, name, tag)
+            # Every object of the tag goes, one that does not parse too: the listing
+            # names them, so no document needs reading.
+            keys = [item["Key"] async for item in self._objects(self._tag_prefix(host, name, tag))]
         else:
             prefix = self._repository_tags_prefix(host, name)
-        gone = 0
-        async for key, _, entry in self._tag_answers(prefix):
-            if tag is None and entry.digest != digest:
-                continue
+            keys = [
+                key async for key, _, entry in self._tag_answers(prefix) if entry.digest == digest
+            ]
+        for key in keys:
             await self.delete_key(key)
-            gone += 1
-        return gone
+        return len(keys)
 
     async def _tag_answers(self, prefix: str) -> AsyncIterator[tuple[str, str, TagEntry]]:
         """(key, variant, answer) of the tag objects under prefix that parse."""

@@ -88,7 +88,8 @@ def test_map_names_are_safe_object_names() -> None:
 
 def test_trim_interval_config() -> None:
     assert load_config(None, environ={}).shared_trim_interval == 60.0
-    cfg = load_config(None, environ={"REGISTRY_CACHE_SHARED_TRIM_INTERVAL": "2s"})
+    store = {"REGISTRY_CACHE_STORE": "{type: s3, endpoint: 'http://h:8333', bucket: rcb}"}
+    cfg = load_config(None, environ={**store, "REGISTRY_CACHE_SHARED_TRIM_INTERVAL": "2s"})
     assert cfg.shared_trim_interval == 2.0
     with pytest.raises(ConfigError, match="shared_trim_interval"):
-        load_config(None, environ={"REGISTRY_CACHE_SHARED_TRIM_INTERVAL": "0"})
+        load_config(None, environ={**store, "REGISTRY_CACHE_SHARED_TRIM_INTERVAL": "0"})

@@ -139,6 +139,16 @@ def test_shared_max_size_is_a_size(tmp_path: Path) -> None:
         load(tmp_path, "shared_max_size: lots\n")
 
 
+@pytest.mark.parametrize("setting", ["shared_max_size: 2t", "shared_trim_interval: 5m"])
+def test_a_shared_store_bound_without_a_shared_store_is_refused(
+    tmp_path: Path, setting: str
+) -> None:
+    # Not ignored: the operator thinks the bucket is bounded, or is on the wrong config.
+    with pytest.raises(ConfigError, match=r"store type filesystem.*set store: \{type: s3"):
+        load(tmp_path, setting + "\n")
+    assert load(tmp_path, "shared_max_size: ''\n").shared_max_size is None
+
+
 def test_abandoned_upload_age(tmp_path: Path) -> None:
     base = "store: {type: s3, endpoint: 'http://127.0.0.1:8333', bucket: rcb"
     assert load(tmp_path, base + "}\n").store.abandoned_upload_age == 1800
