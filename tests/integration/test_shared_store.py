@@ -159,6 +159,21 @@ def test_tag_answers(seaweed: Seaweed, bucket: str) -> None:
             got = await shared.tag_variants("reg.example:5000", "team/app", "v1")
             assert got == {"x,y": a, "": b}
             assert await shared.tag_variants("reg.example:5000", "team/app", "v2") == {}
+
+            # purge: a tag's objects go, one that does not parse too; "v10" is another
+            # tag, and "team/app/v1" another repository
+            await shared.put_tag("reg.example:5000", "team/app", "v10", "", b)
+            junk = "node-tests/tags/reg.example:5000/team/app:v1/not-an-answer"
+            seaweed.client().put_object(Bucket=bucket, Key=junk, Body=b"{")
+            assert await shared.drop_tags("reg.example:5000", "team/app", "v1", None) == 3
+            assert await shared.tag_variants("reg.example:5000", "team/app", "v1") == {}
+            assert junk not in seaweed.keys(bucket)
+            assert await shared.tag_variants("reg.example:5000", "team/app", "v10") == {"": b}
+            # by digest: the repository's answers naming it, no other repository's
+            assert await shared.drop_tags("reg.example:5000", "team/app", None, a.digest) == 0
+            assert await shared.drop_tags("reg.example:5000", "team/app", None, b.digest) == 1
+            assert await shared.tag_variants("reg.example:5000", "team/app", "v10") == {}
+            assert await shared.tag_variants("reg.example:5000", "team/app/v1", "v2") == {"": b}
         finally:
             await shared.close()
 
