@@ -49,8 +49,9 @@ READ_TIMEOUT = 30.0
 RETRY_FIRST, RETRY_MAX = 2.0, 60.0
 # An answer that says "try again" (S3's InternalError, SlowDown, a 503 from a gateway in
 # front of the store) is tried again after these pauses before the circuit opens: AWS
-# documents such answers as part of normal operation, and SeaweedFS gives the odd one
-# under load. A store that cannot be reached is not: it fails at once (CONNECT_TIMEOUT).
+# documents such answers as part of normal operation. One that keeps coming (SeaweedFS
+# with no free volume answers every write so) opens the circuit at the third. A store
+# that cannot be reached fails at once (CONNECT_TIMEOUT).
 TRANSIENT_PAUSES = (0.1, 0.5)
 TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"})
 MAX_TAG_OBJECT = 64 << 10
